@@ -1,0 +1,34 @@
+# dyconv-repro: `make help` lists the targets.
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: help install test test-all lint train demo clean
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+install:  ## create .venv and install the package (editable) with the dev extra
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1" || $(BIN)/pip install -q torch torchvision
+	$(BIN)/pip install -q -e ".[dev]"
+
+test:  ## fast test suite (what CI runs)
+	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
+
+test-all:  ## fast + slow tests
+	$(BIN)/python -m pytest -q -n 2 -m "slow or not slow" $(PYTEST_ARGS)
+
+lint:  ## ruff
+	$(BIN)/ruff check dyconv_repro tests scripts
+
+train:  ## train with the defaults (CIFAR ResNet-20 on the offline digits data); ARGS="..." adds overrides
+	$(BIN)/dyconv-train $(ARGS)
+
+demo:  ## static conv + every operator on digits, then the comparison table (smoke scale)
+	$(BIN)/python scripts/demo.py $(ARGS)
+
+clean:  ## remove run outputs and caches
+	rm -rf runs outputs multirun .pytest_cache
