@@ -1,0 +1,58 @@
+"""Parameters and multiply-adds at batch 1, counted by torch.utils.flop_counter.FlopCounterMode.
+
+Convention (state it next to every table): MAdds = FLOPs / 2 of the aten ops FlopCounterMode
+knows: convolutions, mm / addmm / bmm / baddbmm (so nn.Linear, routing FCs and kernel
+aggregation written as matmul / einsum count, K MAdds per kernel weight per sample) and attention.
+Free: elementwise ops (activations, BN in eval, residual adds, SE/attention scaling,
+mul+sum aggregation written without a matmul), pooling and global averaging, conv bias adds.
+The model runs in eval mode at batch 1, so an operator's inference path is what is counted.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_params(model: nn.Module) -> int:
+    """All parameters, trainable or frozen (buffers such as RefConv's frozen basis excluded)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_madds(model: nn.Module, image_size: int, in_chans: int = 3) -> int:
+    """Multiply-adds of one forward pass on a 1 x in_chans x image_size x image_size input (eval mode)."""
+    was_training = model.training
+    p = next(model.parameters(), None)
+    x = torch.zeros(1, in_chans, int(image_size), int(image_size),
+                    device=p.device if p is not None else None,
+                    dtype=p.dtype if p is not None and p.is_floating_point() else None)
+    try:
+        model.eval()
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops()) // 2
+
+
+def deploy_form(model: nn.Module) -> nn.Module:
+    """The re-parameterized model (ops.walkers.reparameterize_model) when that walker exists, else the model."""
+    try:
+        from dyconv_repro.ops.walkers import reparameterize_model
+    except ModuleNotFoundError as e:  # pragma: no cover - only while the library is being written
+        if e.name != "dyconv_repro.ops.walkers":
+            raise
+        return model
+    return reparameterize_model(model)
+
+
+def complexity_report(model: nn.Module, image_size: int, in_chans: int = 3) -> dict[str, int]:
+    """params / madds of the training form and deploy_params / deploy_madds of the deployed form."""
+    params, madds = count_params(model), count_madds(model, image_size, in_chans)
+    if not any(callable(getattr(m, "reparameterize", None)) for m in model.modules()):
+        return {"params": params, "madds": madds, "deploy_params": params, "deploy_madds": madds}
+    deployed = deploy_form(model)
+    return {"params": params, "madds": madds,
+            "deploy_params": count_params(deployed), "deploy_madds": count_madds(deployed, image_size, in_chans)}

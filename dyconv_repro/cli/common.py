@@ -1,0 +1,34 @@
+"""Shared CLI plumbing: one clear line for user errors instead of a traceback wall."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+from dyconv_repro.errors import UserError
+
+
+def user_errors_exit(fn):
+    """Run `fn`; a UserError prints `error: <message>` on stderr and exits with status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapper
+
+
+def parse_overrides(argv: list[str]) -> tuple[dict, list[str]]:
+    """Split `key=value` tokens (Hydra-style) from flags."""
+    kv, rest = {}, []
+    for tok in argv:
+        if "=" in tok and not tok.startswith("-"):
+            k, v = tok.split("=", 1)
+            kv[k] = v
+        else:
+            rest.append(tok)
+    return kv, rest

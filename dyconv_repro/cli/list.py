@@ -1,0 +1,69 @@
+"""`dyconv-list [ops|backbones|datasets|experiments|policies|recipes|all]`: what can be composed."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from dyconv_repro.config_dir import config_dir
+
+
+def _group_files(group: str) -> list[Path]:
+    return sorted((Path(config_dir()) / group).rglob("*.yaml"))
+
+
+def _ops() -> list[str]:
+    from dyconv_repro.ops import OPS
+
+    lines = []
+    cfg_dir = Path(config_dir()) / "op"
+    for name in OPS.names():
+        f = cfg_dir / f"{name}.yaml"
+        kwargs = OmegaConf.to_container(OmegaConf.load(f)).get("kwargs", {}) if f.is_file() else {}
+        opts = ", ".join(f"{k}={v}" for k, v in (kwargs or {}).items())
+        lines.append(f"  {name:<12} {OPS.help(name)}" + (f"\n  {'':<12}   options: {opts}" if opts else ""))
+    return lines
+
+
+def _registry_lines(registry) -> list[str]:
+    return [f"  {n:<26} {registry.help(n)}" for n in registry.names()]
+
+
+def _configs(group: str) -> list[str]:
+    base = Path(config_dir()) / group
+    return [f"  {p.relative_to(base).with_suffix('')}" for p in _group_files(group)]
+
+
+def sections() -> dict:
+    def backbones():
+        from dyconv_repro.models import BACKBONES
+
+        return _registry_lines(BACKBONES) + ["  (plus model=timm model.name=<any timm model>, "
+                                             "model=torchvision model.name=<any torchvision classifier>)"]
+
+    def datasets():
+        from dyconv_repro.data import DATASETS
+
+        return _registry_lines(DATASETS)
+
+    return {"ops": _ops, "backbones": backbones, "datasets": datasets,
+            "experiments": lambda: _configs("experiment"), "policies": lambda: _configs("policy"),
+            "recipes": lambda: _configs("recipe")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    secs = sections()
+    parser = argparse.ArgumentParser(prog="dyconv-list", description=__doc__)
+    parser.add_argument("what", nargs="?", default="all", choices=[*secs, "all"])
+    args = parser.parse_args(argv)
+    for name, fn in secs.items():
+        if args.what in (name, "all"):
+            lines = fn()
+            print(f"{name} ({len(lines) if name != 'ops' else len([ln for ln in lines if 'options:' not in ln])}):")
+            print("\n".join(lines) if lines else "  (none)")
+
+
+if __name__ == "__main__":
+    main()

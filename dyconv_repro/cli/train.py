@@ -1,0 +1,76 @@
+"""`dyconv-train`: the Hydra entry point (single runs, `-m` sweeps, torchrun, submitit).
+
+    dyconv-train                                          # CIFAR ResNet-20 on the offline digits data
+    dyconv-train model=mobilenet_v2 op=dynamicconv data=cifar10
+    dyconv-train -m recipe.lr=0.05,0.1 trainer.epochs=1   # two runs, two run directories
+    torchrun --nproc_per_node=2 -m dyconv_repro.cli.train trainer.device=cpu
+
+In a multirun a failed job writes error.txt + summary.json (status failed) into its run directory
+and the sweep goes on with the next job.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+
+import hydra
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from dyconv_repro.config_dir import config_dir
+from dyconv_repro.errors import UserError
+
+log = logging.getLogger("dyconv")
+
+
+def _experiment_id() -> str | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.choices.get("experiment")
+    except Exception:  # noqa: BLE001 - not under Hydra (e.g. called from Python)
+        return None
+
+
+def _is_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train (one stage or a pipeline of stages) from a composed config."""
+    from dyconv_repro.engine.pipeline import run_pipeline
+
+    with open_dict(cfg):
+        if cfg.get("experiment_id") is None:
+            cfg.experiment_id = _experiment_id()
+    return run_pipeline(cfg)
+
+
+@hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        summary = run(cfg)
+        return summary.get("best_top1")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if _is_multirun():
+            return None
+        raise SystemExit(2) from None
+    except SystemExit:
+        raise
+    except Exception:  # noqa: BLE001
+        if _is_multirun():  # a failed row must not stop the others
+            traceback.print_exc()
+            return None
+        raise
+
+
+if __name__ == "__main__":
+    main()

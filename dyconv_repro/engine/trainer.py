@@ -1,0 +1,575 @@
+"""The training loop: plain PyTorch, one class, every paper mechanic as a hook.
+
+Exact resume: at the start of every epoch all RNGs are re-seeded from (seed, epoch, rank) and the
+data order comes from a generator seeded the same way, so an epoch is a pure function of the state
+at its start. A mid-epoch checkpoint also stores the batch index and the RNG state at that point:
+resuming replays the data iterator up to that batch and restores the RNG, which gives the same
+result as an uninterrupted run on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+
+from dyconv_repro.engine import checkpoint as ckpt
+from dyconv_repro.engine.distributed import (
+    DistInfo,
+    all_gather_object,
+    broadcast_object,
+    init_distributed,
+    reduce_sum,
+    shutdown_distributed,
+)
+from dyconv_repro.engine.evaluate import evaluate
+from dyconv_repro.engine.hooks import Refocus, build_hooks
+from dyconv_repro.engine.loggers import LocalLogger, MultiLogger, WandbLogger
+from dyconv_repro.engine.optim import build_optimizer, build_scheduler, effective_lr
+from dyconv_repro.engine.rundir import (
+    find_resumable,
+    git_commit,
+    hardware,
+    new_run_id,
+    write_json_atomic,
+)
+from dyconv_repro.errors import UserError
+
+log = logging.getLogger("dyconv")
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"trainer.device={name} but CUDA is not available here; use trainer.device=cpu")
+    return dev
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Fail early, with one line, on values that would otherwise crash deep inside the loop."""
+    checks = [("recipe.batch_size", cfg.recipe.batch_size), ("trainer.epochs", cfg.trainer.epochs)]
+    for key, value in checks:
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise UserError(f"{key} must be a positive integer, got {value!r}")
+    if float(cfg.recipe.lr) <= 0:
+        raise UserError(f"recipe.lr must be positive, got {cfg.recipe.lr}")
+    if cfg.trainer.amp not in (False, None, "bf16", "fp16"):
+        raise UserError(f"trainer.amp must be false, bf16 or fp16, got {cfg.trainer.amp!r}")
+    msp = cfg.trainer.get("max_steps_per_epoch")
+    if msp is not None and int(msp) <= 0:
+        raise UserError(f"trainer.max_steps_per_epoch must be positive or null, got {msp}")
+
+
+def setup_logging(run_dir: Path | None, is_main: bool) -> None:
+    root = logging.getLogger("dyconv")
+    root.disabled = False  # Hydra's logging dictConfig disables loggers that existed before it ran
+    root.handlers.clear()
+    root.setLevel(logging.INFO if is_main else logging.WARNING)
+    root.propagate = False
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+    root.addHandler(console)
+    if run_dir is not None and is_main:
+        fh = logging.FileHandler(run_dir / "train.log")
+        fh.setFormatter(logging.Formatter("[%(asctime)s] %(levelname)s %(message)s"))
+        root.addHandler(fh)
+
+
+class _Stop:
+    """SIGTERM/SIGINT flag: the loop checks it after each step, writes a checkpoint and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def install(self):
+        for sig in (signal.SIGTERM,):
+            with contextlib.suppress(ValueError):  # not in the main thread
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        for sig, old in self._old.items():
+            with contextlib.suppress(ValueError):
+                signal.signal(sig, old)
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig):
+        validate_config(cfg)
+        self.cfg = cfg
+        self.device = resolve_device(str(cfg.trainer.device))
+        self.info: DistInfo = init_distributed(self.device.type)
+        if self.device.type == "cuda" and self.info.enabled:
+            self.device = torch.device("cuda", self.info.local_rank)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.trainer.amp or "")
+        if cfg.trainer.get("deterministic", True) and self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+        self.global_step = 0
+        self.epoch = 0
+        self.steps_per_epoch = 1
+        self.model: nn.Module | None = None
+
+    # ------------------------------------------------------------------ setup
+    def _run_dir(self) -> tuple[Path, Path | None]:
+        """(run directory, checkpoint to resume from or None); decided on rank 0."""
+        cfg = self.cfg
+        resume = cfg.trainer.get("resume")
+        decision = None
+        if self.info.is_main:
+            base = Path(cfg.output_dir) / str(cfg.run_name)
+            resume_from = None
+            run_dir = None
+            if resume == "auto":
+                if cfg.get("run_id"):
+                    cand = base / str(cfg.run_id)
+                    if (cand / "checkpoints" / "last.pt").is_file():
+                        run_dir = cand
+                else:
+                    run_dir = find_resumable(base, cfg)
+                if run_dir is not None:
+                    resume_from = run_dir / "checkpoints" / "last.pt"
+            elif resume:
+                resume_from = Path(str(resume))
+                if not resume_from.is_file():
+                    raise UserError(f"trainer.resume={resume}: no such checkpoint")
+                run_dir = resume_from.parent.parent
+            if run_dir is None:
+                run_dir = base / str(cfg.get("run_id") or new_run_id())
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            decision = (str(run_dir), str(resume_from) if resume_from else None)
+        decision = broadcast_object(decision, self.info)
+        return Path(decision[0]), (Path(decision[1]) if decision[1] else None)
+
+    def _loaders(self):
+        from dyconv_repro.data import build_dataset
+
+        cfg = self.cfg
+        train_set = build_dataset(cfg.data, "train", cfg.recipe)
+        val_set = build_dataset(cfg.data, "val", cfg.recipe)
+        world = self.info.world_size
+        if cfg.recipe.batch_size % world:
+            raise UserError(f"recipe.batch_size={cfg.recipe.batch_size} is not divisible by the "
+                            f"{world} processes")
+        per_rank = cfg.recipe.batch_size // world
+        workers = int(cfg.data.get("num_workers", 0))
+        pin = bool(cfg.data.get("pin_memory", False)) and self.device.type == "cuda"
+        self.generator = torch.Generator()
+        if self.info.enabled:
+            self.train_sampler = DistributedSampler(train_set, num_replicas=world, rank=self.info.rank,
+                                                    shuffle=True, seed=int(cfg.seed), drop_last=True)
+            val_sampler = DistributedSampler(val_set, num_replicas=world, rank=self.info.rank, shuffle=False)
+        else:
+            self.train_sampler = RandomSampler(train_set, generator=self.generator)
+            val_sampler = SequentialSampler(val_set)
+        common = dict(num_workers=workers, pin_memory=pin, persistent_workers=False)
+        train_loader = DataLoader(train_set, batch_size=per_rank, sampler=self.train_sampler, drop_last=True,
+                                  generator=self.generator, **common)
+        val_loader = DataLoader(val_set, batch_size=per_rank, sampler=val_sampler, drop_last=False, **common)
+        if len(train_loader) == 0:
+            raise UserError(f"recipe.batch_size={cfg.recipe.batch_size} is larger than the training set "
+                            f"({len(train_set)} images)")
+        return train_loader, val_loader
+
+    def _criterion_and_mixup(self):
+        recipe = self.cfg.recipe
+        smoothing = float(recipe.get("label_smoothing", 0.0) or 0.0)
+        mixup, cutmix = float(recipe.get("mixup", 0) or 0), float(recipe.get("cutmix", 0) or 0)
+        if mixup > 0 or cutmix > 0:
+            from timm.data import Mixup
+            from timm.loss import SoftTargetCrossEntropy
+
+            mix = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=smoothing,
+                        num_classes=int(self.cfg.data.num_classes))
+            return SoftTargetCrossEntropy(), mix
+        return nn.CrossEntropyLoss(label_smoothing=smoothing), None
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self, batch_in_epoch: int, accum: dict) -> dict:
+        return {
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "epoch": self.epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "global_step": self.global_step,
+            "best_top1": self.best_top1,
+            "best_top5": self.best_top5,
+            "best_epoch": self.best_epoch,
+            "accum": accum,
+            "train_time_s": self.train_time,
+            "images_seen": self.images_seen,
+            "rng": ckpt.rng_state(),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "wandb_id": getattr(self.logger_wandb, "run_id", None),
+        }
+
+    def save_last(self, batch_in_epoch: int = 0, accum: dict | None = None) -> None:
+        if self.info.is_main:
+            ckpt.save_atomic(self._state(batch_in_epoch, accum or {}), self.run_dir / "checkpoints" / "last.pt")
+
+    def _resume(self, path: Path) -> tuple[int, dict, dict | None]:
+        state = ckpt.load_checkpoint(path)
+        ckpt.load_model_state_strict(self.raw_model, state["model"], what=f"checkpoint {path}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        self.best_top1 = state.get("best_top1", -1.0)
+        self.best_top5 = state.get("best_top5", -1.0)
+        self.best_epoch = state.get("best_epoch", -1)
+        self.train_time = float(state.get("train_time_s", 0.0))
+        self.images_seen = int(state.get("images_seen", 0))
+        log.info("resumed from %s (epoch %d, batch %d, step %d)", path, self.epoch,
+                 state.get("batch_in_epoch", 0), self.global_step)
+        return int(state.get("batch_in_epoch", 0)), state.get("accum") or {}, state.get("rng")
+
+    # ------------------------------------------------------------------ main
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.run_dir, resume_from = self._run_dir()
+        setup_logging(self.run_dir, self.info.is_main)
+        started = time.time()
+        if self.info.is_main:
+            OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
+        self._write_summary({"status": "running"})
+        try:
+            summary = self._train(resume_from, started)
+        except BaseException as e:
+            if not isinstance(e, SystemExit) or e.code not in (0, None, 143):
+                status = "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "failed"
+                self._write_summary({"status": status, "error": f"{type(e).__name__}: {e}"})
+                if self.info.is_main and status == "failed":
+                    (self.run_dir / "error.txt").write_text(f"{type(e).__name__}: {e}\n")
+            raise
+        finally:
+            shutdown_distributed()
+        return summary
+
+    def _train(self, resume_from: Path | None, started: float) -> dict:
+        from dyconv_repro.models.build import build_model
+
+        cfg = self.cfg
+        seed_all(int(cfg.seed))
+        train_loader, val_loader = self._loaders()
+        self.steps_per_epoch = len(train_loader)
+        max_steps = cfg.trainer.get("max_steps_per_epoch")
+        if max_steps:
+            self.steps_per_epoch = min(self.steps_per_epoch, int(max_steps))
+        epochs = int(cfg.trainer.epochs)
+
+        model = build_model(cfg)
+        hooks = build_hooks(cfg.recipe)
+        for h in hooks:
+            if isinstance(h, Refocus):
+                h.configure(model)
+        model.to(self.device)
+        if cfg.trainer.get("channels_last"):
+            model = model.to(memory_format=torch.channels_last)
+        self.raw_model = model
+        self.model = model  # hooks act on the unwrapped model
+        complexity = self._complexity(model)
+
+        no_decay = [p for h in hooks for p in h.no_decay_params(model)]
+        self.optimizer = build_optimizer(model, cfg.recipe, no_decay)
+        self.scheduler = build_scheduler(self.optimizer, cfg.recipe, epochs, self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.ema = None
+        if cfg.recipe.get("ema") and cfg.recipe.ema.get("enabled"):
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(model, decay=float(cfg.recipe.ema.decay))
+        criterion, mixup = self._criterion_and_mixup()
+
+        self.best_top1, self.best_top5, self.best_epoch = -1.0, -1.0, -1
+        self.train_time, self.images_seen = 0.0, 0
+        batch_skip, accum, rng = 0, {}, None
+        self.logger_wandb = None
+        if resume_from is not None:
+            batch_skip, accum, rng = self._resume(resume_from)
+        loggers = [LocalLogger(self.run_dir)] if self.info.is_main else []
+        if self.info.is_main and cfg.logger.get("name") == "wandb":
+            prev = ckpt.load_checkpoint(resume_from).get("wandb_id") if resume_from else None
+            self.logger_wandb = WandbLogger(cfg.logger, self.run_dir, OmegaConf.to_container(cfg, resolve=True),
+                                            resume_id=prev)
+            loggers.append(self.logger_wandb)
+        logger = MultiLogger(loggers)
+
+        train_model = model
+        if self.info.enabled:
+            ids = [self.info.local_rank] if self.device.type == "cuda" else None
+            train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if cfg.trainer.get("compile"):
+            train_model = torch.compile(train_model)
+
+        if self.info.is_main:
+            log.info("run dir: %s", self.run_dir)
+            log.info("model %s + op %s | params %.3fM | MAdds %s | %d steps/epoch x %d epochs | lr %.4g | %s",
+                     cfg.model.name, cfg.op.name, complexity["params"] / 1e6,
+                     f"{complexity['madds'] / 1e6:.1f}M" if complexity.get("madds") else "n/a",
+                     self.steps_per_epoch, epochs, effective_lr(cfg.recipe), hardware(self.device))
+        for h in hooks:
+            h.on_train_start(self)
+
+        stop = _Stop().install()
+        last_eval: dict = {}
+        try:
+            while self.epoch < epochs:
+                record = self._train_epoch(train_model, train_loader, criterion, mixup, hooks, stop,
+                                           batch_skip, accum, rng)
+                batch_skip, accum, rng = 0, {}, None
+                if record is None:  # stopped by SIGTERM after writing a checkpoint
+                    self._write_summary({"status": "interrupted"})
+                    log.warning("SIGTERM: checkpoint written to %s; exiting", self.run_dir / "checkpoints")
+                    raise SystemExit(143)
+                self.epoch += 1
+                if self.scheduler is not None:
+                    self.scheduler.step(self.epoch)
+                if self.epoch % int(cfg.trainer.eval_every) == 0 or self.epoch == epochs:
+                    last_eval = self._evaluate(val_loader)
+                    record.update({f"val_{k}": v for k, v in last_eval.items()})
+                record.update(epoch=self.epoch, step=self.global_step, time=time.time() - started)
+                logger.log(record)
+                self.save_last()
+                self._write_summary(self._summary("running", complexity, last_eval, started))
+                if self.info.is_main:
+                    log.info("epoch %d/%d  loss %.4f  train top-1 %.2f  %s lr %.4g  %.0f img/s", self.epoch, epochs,
+                             record["train_loss"], record["train_top1"],
+                             (f"val top-1 {last_eval['top1']:.2f} top-5 {last_eval['top5']:.2f} "
+                              if "val_top1" in record else ""), record["lr"], record["images_per_s"])
+        finally:
+            stop.restore()
+
+        summary = self._summary("finished", complexity, last_eval, started)
+        checksums = all_gather_object(_state_checksum(model), self.info)
+        summary["rank_weight_checksums"] = checksums
+        if cfg.recipe.get("refocus") and self.info.is_main:
+            from dyconv_repro.models.deploy import save_deployed
+
+            summary["deploy"] = save_deployed(self.cfg, model, val_loader, self.device, self.run_dir)
+        self._write_summary(summary)
+        logger.summary(summary)
+        logger.close()
+        if self.info.is_main:
+            log.info("done: best top-1 %.2f (epoch %d), final top-1 %.2f; %s", summary["best_top1"],
+                     summary["best_epoch"], summary["final_top1"], self.run_dir)
+        return summary
+
+    def _train_epoch(self, model, loader, criterion, mixup, hooks, stop: _Stop, batch_skip: int, accum: dict,
+                     rng: dict | None) -> dict | None:
+        cfg = self.cfg
+        epoch_seed = int(cfg.seed) * 100_003 + self.epoch * 1_009 + self.info.rank
+        seed_all(epoch_seed)
+        self.generator.manual_seed(epoch_seed)
+        if isinstance(self.train_sampler, DistributedSampler):
+            self.train_sampler.set_epoch(self.epoch)
+        model.train()
+        for h in hooks:
+            h.on_step_start(self)  # e.g. frozen-BN eval mode before the first batch
+        totals = {"loss": 0.0, "correct": 0.0, "n": 0.0, **accum}
+        n_steps = self.steps_per_epoch
+        ckpt_every = int(cfg.trainer.get("checkpoint_every_steps") or 0)
+        show = bool(cfg.trainer.get("progress", True)) and self.info.is_main
+        bar = None
+        if show:
+            from tqdm import tqdm
+
+            bar = tqdm(total=n_steps, initial=batch_skip, desc=f"epoch {self.epoch + 1}/{cfg.trainer.epochs}",
+                       dynamic_ncols=True, leave=False, file=sys.stderr)
+        it = iter(loader)
+        for _ in range(batch_skip):  # replay the data order up to the checkpoint, then restore its RNG
+            next(it)
+        if rng is not None:
+            ckpt.set_rng_state(rng)
+        log_every = max(int(cfg.trainer.get("log_every", 20)), 1)
+        t_epoch = time.time()
+        images_epoch = 0
+        for i in range(batch_skip, n_steps):
+            try:
+                images, targets = next(it)
+            except StopIteration:
+                break
+            for h in hooks:
+                h.on_step_start(self)
+            images = images.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            hard_targets = targets
+            if mixup is not None:
+                images, targets = mixup(images, targets)
+            if cfg.trainer.get("channels_last"):
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                logits = model(images)
+                loss = criterion(logits, targets)
+                extra = {}
+                for h in hooks:
+                    extra.update(h.extra_losses(self))
+                total = loss + sum(extra.values()) if extra else loss
+            if not torch.isfinite(total):
+                raise FloatingPointError(f"loss is {total.item()} at step {self.global_step}; "
+                                         "lower recipe.lr or enable recipe.grad_clip")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(total).backward()
+            if cfg.recipe.get("grad_clip"):
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.raw_model.parameters(), float(cfg.recipe.grad_clip))
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.global_step += 1
+            if self.scheduler is not None:
+                self.scheduler.step_update(self.global_step)
+            if self.ema is not None:
+                self.ema.update(self.raw_model, step=self.global_step)
+            with torch.no_grad():
+                totals["loss"] += loss.item() * hard_targets.numel()
+                totals["correct"] += (logits.argmax(1) == hard_targets).sum().item()
+                totals["n"] += hard_targets.numel()
+            images_epoch += hard_targets.numel()
+            if bar is not None:
+                bar.update(1)
+                if (i + 1) % log_every == 0 or i + 1 == n_steps:
+                    elapsed = max(time.time() - t_epoch, 1e-9)
+                    bar.set_postfix(loss=f"{totals['loss'] / max(totals['n'], 1):.3f}",
+                                    lr=f"{self.optimizer.param_groups[0]['lr']:.3g}",
+                                    img_s=f"{images_epoch * self.info.world_size / elapsed:.0f}")
+            done = i + 1
+            if stop.requested or (ckpt_every and done % ckpt_every == 0 and done < n_steps):
+                self.train_time += time.time() - t_epoch
+                self.images_seen += images_epoch * self.info.world_size
+                t_epoch, images_epoch = time.time(), 0
+                self.save_last(batch_in_epoch=done, accum={k: totals[k] for k in ("loss", "correct", "n")})
+                if stop.requested:
+                    if bar is not None:
+                        bar.close()
+                    return None
+        if bar is not None:
+            bar.close()
+        elapsed = time.time() - t_epoch
+        self.train_time += elapsed
+        self.images_seen += images_epoch * self.info.world_size
+        t = reduce_sum(torch.tensor([totals["loss"], totals["correct"], totals["n"]], dtype=torch.float64,
+                                    device=self.device), self.info)
+        record = {"train_loss": t[0].item() / max(t[2].item(), 1), "train_top1": 100 * t[1].item() / max(t[2].item(), 1),
+                  "lr": self.optimizer.param_groups[0]["lr"],
+                  "images_per_s": images_epoch * self.info.world_size / max(elapsed, 1e-9)}
+        for h in hooks:
+            record.update(h.epoch_metrics(self))
+        return record
+
+    def _evaluate(self, val_loader) -> dict:
+        kw = dict(info=self.info, amp_dtype=self.amp_dtype, channels_last=bool(self.cfg.trainer.get("channels_last")),
+                  max_steps=self.cfg.trainer.get("max_steps_per_epoch"))
+        result = evaluate(self.raw_model, val_loader, self.device, **kw)
+        if self.ema is not None:
+            ema = evaluate(self.ema.module, val_loader, self.device, **kw)
+            result.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
+        top1 = max(result["top1"], result.get("ema_top1", -1.0))
+        if top1 > self.best_top1:
+            self.best_top1, self.best_epoch = top1, self.epoch
+            self.best_top5 = max(result["top5"], result.get("ema_top5", -1.0))
+            if self.info.is_main:
+                best_model = self.ema.module if (self.ema is not None and result.get("ema_top1", -1) >= result["top1"]) \
+                    else self.raw_model
+                ckpt.save_atomic({"model": best_model.state_dict(), "epoch": self.epoch, "top1": top1,
+                                  "config": OmegaConf.to_container(self.cfg, resolve=True)},
+                                 self.run_dir / "checkpoints" / "best.pt")
+        return result
+
+    # ------------------------------------------------------------------ reporting
+    def _complexity(self, model: nn.Module) -> dict:
+        params = sum(p.numel() for p in model.parameters())
+        out = {"params": params, "madds": None, "deploy_params": None, "deploy_madds": None}
+        if not self.info.is_main:
+            return out
+        try:
+            from dyconv_repro.analysis.complexity import complexity_report
+
+            rep = complexity_report(model, int(self.cfg.data.image_size))
+            out.update({k: rep.get(k) for k in ("params", "madds", "deploy_params", "deploy_madds")})
+        except Exception as e:  # noqa: BLE001 - complexity is a report, never a reason to stop training
+            log.warning("complexity count failed (%s: %s); params only", type(e).__name__, e)
+        finally:
+            model.train()
+        return out
+
+    def _summary(self, status: str, complexity: dict, last_eval: dict, started: float) -> dict:
+        cfg = self.cfg
+        return {
+            "status": status,
+            "experiment": cfg.get("experiment_id"),
+            "run_name": str(cfg.run_name),
+            "run_dir": str(self.run_dir),
+            "model": str(cfg.model.name),
+            "op": str(cfg.op.name),
+            "data": str(cfg.data.name),
+            "image_size": int(cfg.data.image_size),
+            "seed": int(cfg.seed),
+            "epochs": self.epoch,
+            "epochs_planned": int(cfg.trainer.epochs),
+            "steps": self.global_step,
+            "best_top1": self.best_top1,
+            "best_top5": self.best_top5,
+            "best_epoch": self.best_epoch,
+            "final_top1": last_eval.get("top1"),
+            "final_top5": last_eval.get("top5"),
+            "final_ema_top1": last_eval.get("ema_top1"),
+            **complexity,
+            "wall_time_s": time.time() - started,
+            "train_time_s": self.train_time,
+            "images_per_s": self.images_seen / self.train_time if self.train_time > 0 else None,
+            "device": str(self.device),
+            "world_size": self.info.world_size,
+            "hardware": hardware(self.device),
+            "torch": torch.__version__,
+            "git_commit": git_commit(),
+        }
+
+    def _write_summary(self, summary: dict) -> None:
+        if not self.info.is_main or not hasattr(self, "run_dir"):
+            return
+        path = self.run_dir / "summary.json"
+        write_json_atomic(path, summary)
+
+
+def _state_checksum(model: nn.Module) -> str:
+    """A bit-exact fingerprint of the weights (used to check that DDP ranks agree)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train one run described by a composed config; returns the summary."""
+    return Trainer(cfg).run()

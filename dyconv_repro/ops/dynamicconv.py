@@ -1,0 +1,80 @@
+"""`dynamicconv`: Dynamic Convolution / DY-Conv (Chen et al., 1912.03458).
+
+pi(x) = softmax(FC2(ReLU(FC1(GAP(x)))) / tau), FC1: C_in -> C_in/reduction; the kernel and the bias
+are both aggregated with pi. tau lives in a buffer (saved in state_dict) so that a checkpoint keeps
+the annealing state; `set_temperature(t)` is what the trainer's schedule calls.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from dyconv_repro.errors import UserError
+from dyconv_repro.ops.condconv import _copy_static
+from dyconv_repro.ops.registry import OPS
+from dyconv_repro.ops.routing import SharedHead
+from dyconv_repro.ops.shared import DynamicConvOp, aggregate, gap, init_conv_bank_, mlp_head
+
+
+def attention_hidden(in_features: int, reduction: int) -> int:
+    return max(1, int(in_features) // int(reduction))
+
+
+@OPS.register("dynamicconv", help="DY-Conv: K kernels (num_kernels=4) mixed by softmax(z/tau) attention")
+class DynamicConv2d(DynamicConvOp):
+    """Attention over K convolution kernels (and biases)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1, groups=1,
+                 bias=False, num_kernels: int = 4, reduction: int = 4, temperature: float = 30.0,
+                 init_from_static: bool = False):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        if int(num_kernels) < 1 or int(reduction) < 1:
+            raise UserError(f"dynamicconv needs num_kernels >= 1 and reduction >= 1, got {num_kernels}, {reduction}")
+        if float(temperature) <= 0:
+            raise UserError(f"dynamicconv temperature must be > 0, got {temperature}")
+        self.num_kernels, self.reduction = int(num_kernels), int(reduction)
+        self.init_from_static = bool(init_from_static)  # read by surgery: copy the replaced conv into every kernel
+        kh, kw = self.kernel_size
+        self.weight = nn.Parameter(torch.empty(self.num_kernels, out_channels, in_channels // groups, kh, kw))
+        self.bias = nn.Parameter(torch.empty(self.num_kernels, out_channels)) if bias else None
+        self.attention = mlp_head(in_channels, self.num_kernels, attention_hidden(in_channels, self.reduction))
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_conv_bank_(self.weight, self.bias)
+
+    def set_temperature(self, t: float) -> None:
+        if float(t) <= 0:
+            raise UserError(f"dynamicconv temperature must be > 0, got {t}")
+        self.temperature.fill_(float(t))
+
+    def attention_weights(self, x: Tensor) -> Tensor:
+        """(B, K) softmax(z / tau); z from GAP(x), or from the pooled block input under block routing."""
+        pooled = self.block_input() if self.block_routed else gap(x)
+        return torch.softmax(self.attention(pooled) / self.temperature, dim=1)
+
+    def kernel(self, x: Tensor):
+        pi = self.attention_weights(x)
+        return aggregate(pi, self.weight), None if self.bias is None else aggregate(pi, self.bias)
+
+    def load_static_weight(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        """Copy a static conv's kernel (and bias) into every one of the K kernels."""
+        _copy_static(self.weight, self.bias, weight, bias, "dynamicconv")
+
+    @classmethod
+    def block_head(cls, in_features: int, ops: list) -> nn.Module:
+        """Each op keeps its own attention but reads the pooled *block* input."""
+        return SharedHead(None, [in_features] * len(ops), share=True)
+
+    def attach_block_routing(self, slot, in_features: int) -> None:
+        super().attach_block_routing(slot, in_features)
+        if in_features != self.in_channels:
+            ref = next(self.attention.parameters())
+            self.attention = mlp_head(in_features, self.num_kernels, attention_hidden(in_features, self.reduction)
+                                      ).to(device=ref.device, dtype=ref.dtype)
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", num_kernels={self.num_kernels}, reduction={self.reduction}, "
+                f"temperature={float(self.temperature):g}")

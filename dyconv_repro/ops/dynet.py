@@ -1,0 +1,98 @@
+"""`dynet`: DyNet dynamic convolution (Zhang et al., 2004.10694 / ICLR-2020 submission).
+
+Each output channel t mixes its own g_t = num_bases fixed kernels: w_t(x) = sum_i eta_t^i(x) w_t^i,
+eta = sigmoid(FC(ReLU(FC(GAP(x))))) (one FC when reduction=0). Two exact forms:
+
+* training form (the paper's): one static conv with C_out*g_t filters, then the eta-weighted sum of
+  the g_t feature maps of each output channel;
+* fused form (inference): aggregate the kernels per sample, then one per-sample-kernel conv.
+
+They are equal (tests). The op is input-dependent, so there is no `reparameterize()` to a static
+conv; `fused=None` (default) runs the training form in train mode and the fused form in eval mode,
+True/False forces one. Biases (if any) are per base and mixed with the same eta.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dyconv_repro.errors import UserError
+from dyconv_repro.ops.registry import OPS
+from dyconv_repro.ops.routing import SharedHead
+from dyconv_repro.ops.shared import DynamicConvOp, dynamic_conv2d, gap, init_conv_bank_, mlp_head
+
+
+def predictor_hidden(in_features: int, reduction: int) -> int | None:
+    return max(1, int(in_features) // int(reduction)) if reduction else None
+
+
+@OPS.register("dynet", help="DyNet: per-output-channel sigmoid mix of g_t fixed kernels (num_bases=6)")
+class DyNetConv2d(DynamicConvOp):
+    """Per-output-channel dynamic kernel fusion."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1, groups=1,
+                 bias=False, num_bases: int = 6, reduction: int = 4):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        if int(num_bases) < 1 or int(reduction or 0) < 0:
+            raise UserError(f"dynet needs num_bases >= 1 and reduction >= 0 (0 = one FC), got {num_bases}, {reduction}")
+        self.num_bases, self.reduction = int(num_bases), int(reduction or 0)
+        self.fused: bool | None = None
+        kh, kw = self.kernel_size
+        self.weight = nn.Parameter(torch.empty(out_channels, self.num_bases, in_channels // groups, kh, kw))
+        self.bias = nn.Parameter(torch.empty(out_channels, self.num_bases)) if bias else None
+        self.predictor = mlp_head(in_channels, out_channels * self.num_bases,
+                                  predictor_hidden(in_channels, self.reduction))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # each base kernel initialized like an nn.Conv2d kernel of this layer
+        init_conv_bank_(self.weight.transpose(0, 1), None if self.bias is None else self.bias.t())
+
+    def coefficients(self, x: Tensor) -> Tensor:
+        """eta: (B, C_out, g_t) in (0, 1)."""
+        eta = self.block_input() if self.block_routed else torch.sigmoid(self.predictor(gap(x)))
+        return eta.reshape(eta.shape[0], self.out_channels, self.num_bases)
+
+    def kernel(self, x: Tensor):
+        eta = self.coefficients(x)  # (B, T, I)
+        t, i = self.out_channels, self.num_bases
+        # per output channel t: (B, I) @ (I, n) -> batched over t
+        w = torch.bmm(eta.transpose(0, 1), self.weight.reshape(t, i, -1)).transpose(0, 1)
+        w = w.reshape(x.shape[0], *self.weight.shape[:1], *self.weight.shape[2:])
+        b = None if self.bias is None else (eta * self.bias).sum(-1)
+        return w, b
+
+    def training_forward(self, x: Tensor) -> Tensor:
+        """The paper's training form: conv with C_out*g_t filters, then mix the g_t maps per channel."""
+        eta = self.coefficients(x)
+        y = F.conv2d(x, self.weight.reshape(-1, *self.weight.shape[2:]),
+                     None if self.bias is None else self.bias.reshape(-1),
+                     self.stride, self.padding, self.dilation, self.groups)
+        b, _, h, w = y.shape
+        y = y.reshape(b, self.out_channels, self.num_bases, h, w)
+        return (y * eta[..., None, None]).sum(2)
+
+    def fused_forward(self, x: Tensor) -> Tensor:
+        """Inference form: per-sample fused kernels, one conv."""
+        weight, bias = self.kernel(x)
+        return dynamic_conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups, self.path)
+
+    def forward(self, x: Tensor) -> Tensor:
+        fused = (not self.training) if self.fused is None else self.fused
+        return self.fused_forward(x) if fused else self.training_forward(x)
+
+    @classmethod
+    def block_head(cls, in_features: int, ops: list) -> nn.Module:
+        """DyNet: one coefficient predictor per block gives the coefficients of all its dynamic convs."""
+        dims = [op.out_channels * op.num_bases for op in ops]
+        body = mlp_head(in_features, sum(dims), predictor_hidden(in_features, ops[0].reduction))
+        return SharedHead(body, dims, share=False, activation="sigmoid")
+
+    def attach_block_routing(self, slot, in_features: int) -> None:
+        super().attach_block_routing(slot, in_features)
+        self.predictor = None
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", num_bases={self.num_bases}, reduction={self.reduction}"

@@ -1,0 +1,282 @@
+"""`structured`: Structured Convolutions (Bhalgat et al., arXiv 2008.02454).
+
+A C x N x N kernel (C = in_channels / groups) is *structured* with hidden size c x n x n when it is a sum
+of the M = c*n*n binary basis tensors that hold a (C-c+1) x (N-n+1) x (N-n+1) block of ones at every
+shift: W = A alpha. Then conv(X, W) = conv(SumPool3d(X), alpha) -- a stride-1 sum-pool shared by all
+output channels followed by a C_out x c x n x n conv.
+
+The basis is separable: A = A_C (x) A_H (x) A_W with 1-D "sliding box" bases A_N (N x n, column j =
+ones on rows j..j+N-n). Hence A^+ = A_C^+ (x) A_H^+ (x) A_W^+ and both W = A alpha and the projection
+A A^+ W are three small matrix products per layer -- exact and cheap; the tiny pinvs are precomputed
+as non-persistent buffers (the state_dict stays that of a conv).
+
+Two training modes:
+- "parameterize": the parameter is `alpha` (C_out x c x n x n), the kernel is built as A alpha.
+- "regularize":   the parameter is a free `weight` (state_dict-compatible with nn.Conv2d);
+  `regularization_loss()` = ||(I - A A^+) W||_F / ||W||_F pulls it towards the structured subspace,
+  and deployment uses alpha = A^+ W (so the deployed layer differs from the trained one by exactly
+  the residual that the loss measures).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+from dyconv_repro.errors import UserError
+from dyconv_repro.ops.base import ConvOp
+from dyconv_repro.ops.registry import OPS
+
+MODES = ("regularize", "parameterize")
+
+
+def box_basis(size: int, hidden: int) -> torch.Tensor:
+    """1-D structured basis (size x hidden): column j holds ones on rows j .. j + size - hidden."""
+    a = torch.zeros(size, hidden, dtype=torch.float64)
+    for j in range(hidden):
+        a[j:j + size - hidden + 1, j] = 1.0
+    return a
+
+
+def _apply_factors(t: torch.Tensor, mats) -> torch.Tensor:
+    """Multiply axis d+1 of `t` (axis 0 = output channels) by matrix mats[d] (out_d x in_d)."""
+    for d, m in enumerate(mats):
+        t = torch.movedim(torch.tensordot(t, m, dims=([d + 1], [1])), -1, d + 1)
+    return t
+
+
+def _resolve_hidden(value, full: int, name: str, default: int) -> int:
+    if value is None:
+        h = default
+    elif isinstance(value, float) and 0 < value <= 1:  # a fraction of the full size
+        h = max(1, round(full * value))
+    else:
+        h = int(value)
+    if not 1 <= h <= full:
+        raise UserError(f"structured: hidden size {name}={value!r} must be in 1..{full} (or a float "
+                        f"fraction in (0, 1]) for a layer of size {full}")
+    return h
+
+
+class _Structured(nn.Module):
+    """Shared logic: basis buffers, kernel <-> alpha, the structural regularization loss.
+
+    Subclasses call `_setup(out_features, full_dims, hidden_dims, mode, bias, fan_in)`.
+    """
+
+    def _setup(self, out_features: int, full_dims, hidden_dims, mode: str, bias: bool, fan_in: int):
+        if mode not in MODES:
+            raise UserError(f"structured: unknown mode {mode!r}; valid choices: {', '.join(MODES)}")
+        self.mode = mode
+        self.full_dims = tuple(int(d) for d in full_dims)
+        self.hidden_dims = tuple(int(d) for d in hidden_dims)
+        self._nfac = len(full_dims)
+        for i, (n_full, n_hid) in enumerate(zip(self.full_dims, self.hidden_dims)):
+            a = box_basis(n_full, n_hid)
+            self.register_buffer(f"basis{i}", a.float(), persistent=False)
+            self.register_buffer(f"pinv{i}", torch.linalg.pinv(a).float(), persistent=False)
+        bound = 1.0 / math.sqrt(fan_in)  # nn.Conv2d / nn.Linear default init scale
+        if mode == "regularize":
+            w = torch.empty(out_features, *self.full_dims)
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+            self.weight = nn.Parameter(w)
+        else:
+            alpha = torch.randn(out_features, *self.hidden_dims)
+            w = _apply_factors(alpha, self._bases())
+            self.alpha = nn.Parameter(alpha * (bound / math.sqrt(3) / w.std().clamp_min(1e-12)))
+        self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound)) if bias else None
+
+    def _bases(self):
+        return [getattr(self, f"basis{i}") for i in range(self._nfac)]
+
+    def _pinvs(self):
+        return [getattr(self, f"pinv{i}") for i in range(self._nfac)]
+
+    def project(self, weight: torch.Tensor) -> torch.Tensor:
+        """alpha = A^+ W (least squares), computed factor by factor."""
+        return _apply_factors(weight, [p.to(weight.dtype) for p in self._pinvs()])
+
+    def build(self, alpha: torch.Tensor) -> torch.Tensor:
+        """W = A alpha."""
+        return _apply_factors(alpha, [a.to(alpha.dtype) for a in self._bases()])
+
+    def kernel(self) -> torch.Tensor:
+        """The full kernel used by the training-time forward."""
+        return self.weight if self.mode == "regularize" else self.build(self.alpha)
+
+    def hidden_kernel(self) -> torch.Tensor:
+        """alpha (the small kernel of the decomposed layer)."""
+        return self.alpha if self.mode == "parameterize" else self.project(self.weight)
+
+    def regularization_loss(self) -> torch.Tensor:
+        """||(I - A A^+) W||_F / ||W||_F for this layer (exactly 0 in parameterize mode)."""
+        if self.mode == "parameterize":
+            return self.alpha.new_zeros(())
+        w = self.weight
+        resid = w - self.build(self.project(w))
+        return resid.norm() / w.norm().clamp_min(1e-12)
+
+    @torch.no_grad()
+    def load_static_weight(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Initialize from a plain layer's kernel (projected onto the structure in parameterize mode)."""
+        target = self.weight if self.mode == "regularize" else self.alpha
+        if weight.shape != (target.shape[0], *self.full_dims):
+            raise UserError(f"structured: load_static_weight got a kernel of shape {tuple(weight.shape)}, "
+                            f"expected {(target.shape[0], *self.full_dims)}")
+        w = weight.to(target)
+        target.copy_(w if self.mode == "regularize" else self.project(w))
+        if bias is not None and self.bias is not None:
+            self.bias.copy_(bias)
+
+
+@OPS.register("structured", help="Structured Convolutions: kernel = A alpha (parameterize) or regularized towards it")
+class StructuredConv2d(_Structured, ConvOp):
+    """Structured conv with hidden size (c, n); `decompose()` -> SumPool + small conv, `reparameterize()`
+    -> plain nn.Conv2d.
+
+    Defaults: c = C // 2 for pointwise/dense (C = in_channels / groups; c = 1 for depthwise), n = k - 1
+    (at least 1). `c` may be a float in (0, 1] (fraction of C). `n` may be an int or a pair.
+    Grouped/depthwise convs are structured per group (the channel box never crosses a group).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1,
+                 groups=1, bias=False, c=None, n=None, mode="regularize"):
+        ConvOp.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        cg = self.in_channels // self.groups
+        hc = _resolve_hidden(c, cg, "c", max(1, cg // 2))
+        n_pair = _pair(n) if n is not None else (None, None)
+        hn = tuple(_resolve_hidden(nv, k, "n", max(1, k - 1)) for nv, k in zip(n_pair, self.kernel_size))
+        self._setup(self.out_channels, (cg, *self.kernel_size), (hc, *hn), mode, bias,
+                    fan_in=cg * self.kernel_size[0] * self.kernel_size[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.kernel(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    @torch.no_grad()
+    def reparameterize(self) -> nn.Conv2d:
+        """The equivalent plain conv with W = A alpha (alpha = A^+ W in regularize mode)."""
+        alpha = self.hidden_kernel()
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, bias=self.bias is not None,
+                         device=alpha.device, dtype=alpha.dtype)
+        conv.weight.copy_(self.build(alpha))
+        if self.bias is not None:
+            conv.bias.copy_(self.bias)
+        return conv
+
+    @torch.no_grad()
+    def decompose(self) -> nn.Sequential:
+        """SumPool3d (window (C-c+1) x (N-n+1)^2, stride 1) + C_out x c x n x n conv, equal to the conv.
+
+        Padding: the original conv's zero padding p is applied to the INPUT of the sum-pool (a box sum
+        over zero-padded input); the small conv then uses padding 0. Padding the pooled map instead would
+        be wrong at the border, and avg_pool's own padding is limited to half the window. Stride s and
+        dilation d go to the small conv; the sum-pool runs at stride 1 with the same dilation d (its
+        box is made of the dilated kernel taps).
+        """
+        alpha = self.hidden_kernel()
+        cg, kh, kw = self.full_dims
+        hc, nh, nw = self.hidden_dims
+        pool = SumPool(cg, self.groups, (cg - hc + 1, kh - nh + 1, kw - nw + 1), self.padding, self.dilation)
+        conv = nn.Conv2d(self.groups * hc, self.out_channels, (nh, nw), self.stride, 0, self.dilation,
+                         self.groups, bias=self.bias is not None, device=alpha.device, dtype=alpha.dtype)
+        conv.weight.copy_(alpha)
+        if self.bias is not None:
+            conv.bias.copy_(self.bias)
+        return nn.Sequential(pool, conv)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", hidden={self.hidden_dims}, mode={self.mode!r}"
+
+
+class SumPool(nn.Module):
+    """Stride-1 3-D sum-pooling over (channels within a group, H, W) after zero-padding H, W.
+
+    Input (B, groups*C, H, W) -> (B, groups*c, H', W') with c = C - window[0] + 1.
+    """
+
+    def __init__(self, channels_per_group: int, groups: int, window, padding=(0, 0), dilation=(1, 1)):
+        super().__init__()
+        self.cpg, self.groups = int(channels_per_group), int(groups)
+        self.window = tuple(int(w) for w in window)
+        self.padding, self.dilation = _pair(padding), _pair(dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ph, pw = self.padding
+        if ph or pw:
+            x = F.pad(x, (pw, pw, ph, ph))
+        wc, wh, ww = self.window
+        if wc > 1:  # channel box inside each group: fold the groups into the batch
+            b, _, h, w = x.shape
+            x = x.reshape(b * self.groups, 1, self.cpg, h, w)
+            if self.dilation == (1, 1):
+                x = F.avg_pool3d(x, self.window, stride=1) * (wc * wh * ww)
+            else:
+                x = F.conv3d(x, x.new_ones(1, 1, wc, wh, ww), dilation=(1, *self.dilation))
+            return x.reshape(b, -1, x.shape[-2], x.shape[-1])
+        if wh * ww > 1:
+            if self.dilation == (1, 1):
+                return F.avg_pool2d(x, (wh, ww), stride=1) * (wh * ww)
+            c = x.shape[1]
+            return F.conv2d(x, x.new_ones(c, 1, wh, ww), dilation=self.dilation, groups=c)
+        return x
+
+    def extra_repr(self) -> str:
+        return (f"channels_per_group={self.cpg}, groups={self.groups}, window={self.window}, "
+                f"padding={self.padding}, dilation={self.dilation}")
+
+
+class StructuredLinear(_Structured):
+    """FC form: W (out x in) = A_C alpha with a sliding box of in-c+1 features; decomposes into a 1-D
+    sum-pool over features + nn.Linear(c, out). Default c = in_features // 2."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, c=None, mode="regularize"):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        hc = _resolve_hidden(c, self.in_features, "c", max(1, self.in_features // 2))
+        self._setup(self.out_features, (self.in_features,), (hc,), mode, bias, fan_in=self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.kernel(), self.bias)
+
+    @torch.no_grad()
+    def reparameterize(self) -> nn.Linear:
+        alpha = self.hidden_kernel()
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=alpha.device, dtype=alpha.dtype)
+        lin.weight.copy_(self.build(alpha))
+        if self.bias is not None:
+            lin.bias.copy_(self.bias)
+        return lin
+
+    @torch.no_grad()
+    def decompose(self) -> nn.Sequential:
+        alpha = self.hidden_kernel()
+        lin = nn.Linear(self.hidden_dims[0], self.out_features, bias=self.bias is not None,
+                        device=alpha.device, dtype=alpha.dtype)
+        lin.weight.copy_(alpha)
+        if self.bias is not None:
+            lin.bias.copy_(self.bias)
+        return nn.Sequential(SumPool1d(self.in_features - self.hidden_dims[0] + 1), lin)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"hidden={self.hidden_dims[0]}, mode={self.mode!r}, bias={self.bias is not None}")
+
+
+class SumPool1d(nn.Module):
+    """Stride-1 sliding-window sum over the last dimension (features)."""
+
+    def __init__(self, window: int):
+        super().__init__()
+        self.window = int(window)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unfold(-1, self.window, 1).sum(-1) if self.window > 1 else x
+
+    def extra_repr(self) -> str:
+        return f"window={self.window}"

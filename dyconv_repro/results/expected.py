@@ -1,0 +1,58 @@
+"""The published numbers of every paper-table row (results/expected/<paper>.yaml).
+
+Each file is the oracle for one paper: one entry per configs/experiment/<paper>/<row>.yaml with the
+published params / MAdds / top-1, where the number comes from (TABLES.yaml source key) and how close
+a reproduction has to be. Numbers are copied from ../shared/papers/TABLES.yaml and never typed in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from dyconv_repro.config_dir import config_dir
+from dyconv_repro.errors import UserError
+
+PAPERS = ("condconv", "dynamicconv", "dynet", "weightnet", "mixconv", "structured", "refconv")
+NUMBERS = ("params_m", "madds_m", "top1", "top1_alt", "top1_err")
+
+
+def repo_root() -> Path:
+    """The checkout that holds configs/ and results/ (configs/ is shipped inside a wheel)."""
+    return Path(config_dir()).resolve().parent
+
+
+def expected_dir() -> Path:
+    for base in (repo_root(), Path.cwd()):
+        if (base / "results" / "expected").is_dir():
+            return base / "results" / "expected"
+    return repo_root() / "results" / "expected"
+
+
+def tables_yaml() -> Path:
+    """../shared/papers/TABLES.yaml beside the repository (the source every expected number comes from)."""
+    return repo_root().parent / "shared" / "papers" / "TABLES.yaml"
+
+
+def load_expected(paper: str, path: str | Path | None = None) -> dict:
+    """The expected file of `paper` as a dict with `rows` (a list of row dicts)."""
+    if path is None:
+        if paper not in PAPERS:
+            raise UserError(f"unknown paper {paper!r}; valid papers: {', '.join(PAPERS)}")
+        path = expected_dir() / f"{paper}.yaml"
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"expected-results file {path} not found (results/expected/<paper>.yaml of the checkout)")
+    doc = yaml.safe_load(path.read_text()) or {}
+    rows = doc.get("rows") or []
+    ids = [r["id"] for r in rows]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise UserError(f"{path}: duplicate row ids {dup}")
+    return doc
+
+
+def tables_of(doc: dict) -> list[str]:
+    """Table keys in file order."""
+    return list(dict.fromkeys(r["table"] for r in doc["rows"]))

@@ -1,0 +1,44 @@
+"""Shared fixtures: compose the real Hydra config in-process and run small trainings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+torch.set_num_threads(1)  # the suite runs under xdist on 2 cores
+
+
+def compose(overrides: list[str] | None = None):
+    """The composed train config, as `dyconv-train <overrides>` would see it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from dyconv_repro.config_dir import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return hydra_compose("train", overrides=list(overrides or []))
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    def _make(*overrides: str):
+        return compose([f"output_dir={tmp_path / 'runs'}", "trainer.progress=false", *overrides])
+
+    return _make
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 300, env: dict | None = None, check: bool = False):
+    """Run a console entry point of this venv; returns CompletedProcess (text)."""
+    exe = Path(sys.executable).parent / args[0]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", **(env or {})}
+    proc = subprocess.run([str(exe), *args[1:]], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc

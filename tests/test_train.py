@@ -1,0 +1,149 @@
+"""The foundation: compose -> train -> run directory, exact resume, multirun, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dyconv_repro.engine.trainer import train
+from dyconv_repro.errors import UserError
+
+from .conftest import run_cli
+
+TINY = ["trainer.epochs=2", "trainer.max_steps_per_epoch=3", "recipe.batch_size=32"]
+
+
+def _weights(run_dir) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["model"]
+
+
+def test_default_run_writes_run_directory(make_cfg):
+    cfg = make_cfg(*TINY)
+    summary = train(cfg)
+    run_dir = Path(summary["run_dir"])
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (run_dir / name).is_file(), name
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    assert all("val_top1" in r and "train_loss" in r and "lr" in r for r in lines)
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert saved["status"] == "finished" and saved["epochs"] == 2 and saved["steps"] == 6
+    for key in ("best_top1", "best_top5", "final_top1", "params", "wall_time_s", "images_per_s", "device",
+                "torch", "git_commit", "hardware"):
+        assert key in saved, key
+    assert saved["params"] > 0
+
+
+class _KillAt:
+    """A hook that simulates a kill (KeyboardInterrupt) when the global step reaches `step`."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_start(self, trainer):
+        pass
+
+    def on_step_start(self, trainer):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+    def extra_losses(self, trainer):
+        return {}
+
+    def epoch_metrics(self, trainer):
+        return {}
+
+    def no_decay_params(self, model):
+        return []
+
+
+def run_killed_then_resumed(make_cfg, monkeypatch, args, kill_step, run_name="killed"):
+    """Train until `kill_step`, 'kill' the run, then `trainer.resume=auto`; returns (ckpt state, summary)."""
+    import dyconv_repro.engine.trainer as trainer_mod
+
+    real = trainer_mod.build_hooks
+    monkeypatch.setattr(trainer_mod, "build_hooks", lambda recipe: real(recipe) + [_KillAt(kill_step)])
+    cfg = make_cfg(*args, f"run_name={run_name}")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(trainer_mod, "build_hooks", real)
+    (last,) = list((Path(cfg.output_dir) / run_name).glob("*/checkpoints/last.pt"))
+    state = torch.load(last, weights_only=False)
+    assert json.loads((last.parent.parent / "summary.json").read_text())["status"] == "interrupted"
+    return state, train(make_cfg(*args, f"run_name={run_name}", "trainer.resume=auto"))
+
+
+@pytest.mark.parametrize("every, kill_step, expect", [(0, 4, (1, 0, 4)), (2, 6, (1, 2, 6))],
+                         ids=["epoch-boundary", "mid-epoch"])
+def test_killed_run_resumes_exactly(make_cfg, monkeypatch, every, kill_step, expect):
+    args = ["trainer.epochs=2", "trainer.max_steps_per_epoch=4", "recipe.batch_size=32",
+            f"trainer.checkpoint_every_steps={every}", "model.dropout=0.1"]
+    full = train(make_cfg(*args, "run_name=full"))
+    state, resumed = run_killed_then_resumed(make_cfg, monkeypatch, args, kill_step)
+    assert (state["epoch"], state["batch_in_epoch"], state["global_step"]) == expect
+    assert resumed["status"] == "finished" and resumed["steps"] == full["steps"]
+    a, b = _weights(Path(full["run_dir"])), _weights(Path(resumed["run_dir"]))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("recipe.batch_size=0", "recipe.batch_size must be a positive integer"),
+    ("trainer.epochs=-1", "trainer.epochs must be a positive integer"),
+    ("model.name=resnet21", "Valid backbones"),
+    ("data=cifar10", "data.download=true"),
+])
+def test_bad_input_is_one_clear_error(make_cfg, tmp_path, override, fragment):
+    extra = [f"data.root={tmp_path / 'nowhere'}"] if override == "data=cifar10" else []
+    with pytest.raises(UserError, match=fragment.replace(".", r"\.")):
+        train(make_cfg(*TINY, override, *extra))
+
+
+def test_checkpoint_of_other_architecture_names_keys(make_cfg):
+    from dyconv_repro.engine.checkpoint import load_model_state_strict
+    from dyconv_repro.models.build import build_model
+
+    a = build_model(make_cfg("model=resnet20"))
+    cfg = make_cfg("model=resnet20", "model.name=resnet32")
+    b = build_model(cfg)
+    with pytest.raises(UserError, match=r"missing: .*layer1\.3"):
+        load_model_state_strict(b, a.state_dict())
+
+
+def test_cli_bad_input_prints_one_line(tmp_path):
+    proc = run_cli(["dyconv-train", "model.name=nonexistent_net", f"output_dir={tmp_path}"], cwd=tmp_path)
+    assert proc.returncode == 2
+    err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("error: unknown backbone 'nonexistent_net'"), proc.stderr
+    assert "resnet20" in err[0]
+
+
+def test_multirun_gives_two_run_directories(tmp_path):
+    proc = run_cli(["dyconv-train", "-m", "recipe.lr=0.05,0.1", "trainer.epochs=1", "trainer.max_steps_per_epoch=2",
+                    "recipe.batch_size=32", "trainer.progress=false", f"output_dir={tmp_path}/runs"],
+                   cwd=tmp_path, check=True)
+    summaries = sorted((tmp_path / "runs").glob("*/*/summary.json"))
+    assert len(summaries) == 2, proc.stdout
+    lrs = sorted(json.loads((s.parent / "config.yaml").read_text().split("lr:")[1].split("\n")[0]) for s in summaries)
+    assert lrs == [0.05, 0.1]
+
+
+def test_torchrun_two_cpu_ranks_agree(tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "dyconv_repro.cli.train",
+                           "trainer.device=cpu", "trainer.epochs=1", "trainer.max_steps_per_epoch=3",
+                           "recipe.batch_size=32", "trainer.progress=false", f"output_dir={tmp_path}/runs"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (summary,) = list((tmp_path / "runs").glob("*/*/summary.json"))
+    s = json.loads(summary.read_text())
+    assert s["status"] == "finished" and s["world_size"] == 2
+    assert len(s["rank_weight_checksums"]) == 2 and len(set(s["rank_weight_checksums"])) == 1
