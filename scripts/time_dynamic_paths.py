@@ -90,7 +90,6 @@ def main() -> None:
             if key.startswith("static"):
                 continue
             row.append(f"{key}={t[key] / floor:.2f}")
-            base = key.rsplit("/", 1)[0]
         for op_name in args.ops.split(","):
             for path in args.paths.split(","):
                 base = f"{op_name}/{path}"

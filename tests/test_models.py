@@ -92,7 +92,7 @@ def test_cifar_stem_keeps_parameter_names():
             c = cifar.eval()
             feats = {}
             first = next(m for m in c.modules() if isinstance(m, torch.nn.Conv2d))
-            first.register_forward_hook(lambda m, i, o: feats.update(stem=o.shape[-1]))
+            first.register_forward_hook(lambda m, i, o, feats=feats: feats.update(stem=o.shape[-1]))
             c(torch.randn(1, 3, 32, 32))
         assert feats["stem"] == 32  # stride-1 stem
     rn = BACKBONES.get("resnet18")({"cifar_stem": "auto"}, 10, 32)

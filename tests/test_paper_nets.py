@@ -25,6 +25,11 @@ def build(name, num_classes=10, image_size=32, **cfg):
     return BACKBONES.get(name)({"name": name, **cfg}, num_classes, image_size)
 
 
+def build_small(name):
+    """A 32-px, 10-class net; Dy-ResNet50 at half width to keep the default suite fast."""
+    return build(name, width_mult=0.5 if name == "dy_resnet50" else 1.0)
+
+
 def params_m(model: nn.Module) -> float:
     return sum(p.numel() for p in model.parameters()) / 1e6
 
@@ -48,8 +53,7 @@ def train_step(model: nn.Module, image_size: int, num_classes: int) -> None:
 
 @pytest.mark.parametrize("name", STATIC + [pytest.param(n, marks=needs_dynet) for n in DYNAMIC])
 def test_builds_and_trains_cifar(name):
-    model = build(name, num_classes=10, image_size=32)
-    train_step(model, 32, 10)
+    train_step(build_small(name), 32, 10)
 
 
 @pytest.mark.parametrize("name", ["dy_mobile", "dy_resnet18"])
@@ -58,7 +62,7 @@ def test_static_twin_needs_no_dynet(name):
     model = build(name, kwargs={"dynamic": False})
     convs = [m for m in model.modules() if hasattr(m, "kernel_size") and hasattr(m, "out_channels")]
     assert convs and all(type(m) is nn.Conv2d for m in convs)
-    assert all(getattr(m, "router", None) is None for m in model.features)
+    assert all(getattr(m, "block_router", None) is None for m in model.features)
     train_step(model, 32, 10)
 
 
@@ -106,6 +110,28 @@ def test_weightnet_shufflenet_static_complexity(width):
     assert abs(madds_m(model) - m_ref) <= 0.03 * m_ref
     assert model.conv1[0].bias is not None and model.conv5[0].bias is not None
     assert model.dropout.p == (0.2 if width == 2.0 else 0.0)
+
+
+# TABLES.md "Derived checks" 3, lambda = 1 (M=2, G=2), per-block shared x_gap (official code).
+WEIGHTNET_LAMBDA1 = {0.5: (1.464, 40.7), 1.0: (2.436, 138.5), 1.5: (3.915, 301.1), 2.0: (6.198, 561.4)}
+
+
+@pytest.mark.skipif("weightnet" not in OPS, reason="operator weightnet not in this checkout")
+@pytest.mark.parametrize("width", [0.5, 1.0, pytest.param(1.5, marks=pytest.mark.slow),
+                                   pytest.param(2.0, marks=pytest.mark.slow)])
+def test_weightnet_lambda1_complexity(width):
+    """Surgery swaps every block conv for WeightNet; block routing shares one x_gap per block."""
+    from dyconv_repro.models import swap_convs
+    from dyconv_repro.models.block_routing import apply_block_routing
+
+    model = build("weightnet_shufflenet_v2", num_classes=1000, image_size=224, width_mult=width)
+    reports = swap_convs(model, "weightnet", {"name": "weightnet"}, {"M": 2, "G": 2}, image_size=224)
+    replaced = [r for r in reports if r.replaced]
+    assert len(replaced) == 54 and {r.role for r in replaced} == {"depthwise", "pointwise"}
+    assert apply_block_routing(model) == 16  # one x_gap per ShuffleNetV2 block
+    p_ref, m_ref = WEIGHTNET_LAMBDA1[width]
+    assert abs(params_m(model) - p_ref) <= 0.02 * p_ref
+    assert abs(madds_m(model) - m_ref) <= 0.03 * m_ref
 
 
 def test_weightnet_shufflenet_options():
@@ -164,19 +190,30 @@ def test_dynet_bad_kwargs():
 
 @needs_dynet
 @pytest.mark.parametrize("num_bases", [1, 2, 6])
-def test_dy_mobile_num_bases_and_predictor(num_bases):
+def test_dy_mobile_one_predictor_per_block(num_bases):
+    """g_t is configurable; one predictor (a single FC) gives the coefficients of the block's 3 convs."""
     model = build("dy_mobile", kwargs={"num_bases": num_bases})
     block = model.features[1]
-    assert all(type(getattr(block, n)) is OPS.get("dynet") for n in ("conv1", "conv2", "conv3"))
-    out_features = block.router.fc.out_features
-    assert out_features == 3 * block.conv3.out_channels * num_bases  # one predictor for the 3 convs
+    convs = [getattr(block, n) for n in ("conv1", "conv2", "conv3")]
+    assert all(type(c) is OPS.get("dynet") and c.num_bases == num_bases and c.predictor is None for c in convs)
+    (head,) = block.block_router.heads
+    assert head.out_dims == [c.out_channels * num_bases for c in convs]
+    assert isinstance(head.body, nn.Linear) and head.body.in_features == block.conv1.in_channels
+
+
+@needs_dynet
+def test_dy_resnet_predictor_has_two_layers():
+    block = build("dy_resnet18", kwargs={"num_bases": 2}).features[2]
+    (head,) = block.block_router.heads
+    linears = [m for m in head.body.modules() if isinstance(m, nn.Linear)]
+    assert [(lin.in_features, lin.out_features) for lin in linears] == [(32, 8), (8, 2 * (64 + 64))]
 
 
 @needs_dynet
 @pytest.mark.parametrize("name", DYNAMIC)
 def test_dynet_alone_equals_batch(name):
     torch.manual_seed(0)
-    model = build(name, num_classes=10, image_size=32).eval()
+    model = build_small(name).eval()
     for m in model.modules():  # non-trivial BN statistics
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.1, 0.1)

@@ -123,7 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = compose(overrides)
     r = measure(cfg, layers=args.layers)
     print(f"# {CONVENTION}")
-    print(f"model={cfg.model.name} op={cfg.op.name} policy={cfg.policy.name} image_size={cfg.data.image_size}")
+    from dyconv_repro.models.policy import load_policy
+
+    policy = load_policy(cfg.policy, cfg.op.name).name
+    print(f"model={cfg.model.name} op={cfg.op.name} policy={policy} image_size={cfg.data.image_size}")
     print(f"params {_m(r['params'])}M  MAdds {_m(r['madds'])}M  |  deploy: params {_m(r['deploy_params'])}M  "
           f"MAdds {_m(r['deploy_madds'])}M")
 

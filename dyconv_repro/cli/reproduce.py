@@ -31,6 +31,7 @@ import argparse
 import datetime as _dt
 import fnmatch
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -160,12 +161,24 @@ def plan(args, rows: list[dict]) -> list[tuple[dict | None, int | None, list[str
     return cmds
 
 
+_EXC = re.compile(r"^(error:|[\w.]*(Error|Exception|Interrupt)\b)")
+
+
+def failure_reason(output: str) -> str:
+    """The line of a failed run's output that says why: the last exception / `error:` line, else the last line."""
+    lines = [ln.strip() for ln in output.strip().splitlines()
+             if ln.strip() and not ln.startswith("Set the environment variable HYDRA_FULL_ERROR")]
+    for ln in reversed(lines):
+        if _EXC.match(ln):
+            return ln
+    return lines[-1] if lines else "no output"
+
+
 def _record_failure(runs: str | Path, row: dict, seed: int, rc: int, tail: str) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     d = Path(runs) / "_failed" / row["id"] / f"seed{seed}-{stamp}"
     d.mkdir(parents=True, exist_ok=True)
-    last = [ln for ln in tail.strip().splitlines() if ln.strip()]
-    msg = f"exit code {rc}: {last[-1].strip() if last else 'no output'}"
+    msg = f"exit code {rc}: {failure_reason(tail)}"
     (d / "error.txt").write_text(tail[-4000:] + f"\n{msg}\n")
     (d / "summary.json").write_text(json.dumps({"experiment": row["id"], "status": "failed", "seed": seed,
                                                 "error": msg, "source": "dyconv-reproduce"}, indent=2))

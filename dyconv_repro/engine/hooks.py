@@ -84,7 +84,7 @@ class StructuralRegularization(Hook):
     def on_train_start(self, trainer) -> None:
         from dyconv_repro.ops.walkers import structured_layers
 
-        if not list(structured_layers(trainer.model)):
+        if not structured_layers(trainer.model):
             raise UserError("recipe.structural_reg is set but the model has no structured layer "
                             "(use op=structured, or recipe.structural_reg=null)")
 
@@ -97,7 +97,7 @@ class StructuralRegularization(Hook):
         from dyconv_repro.ops.walkers import regularization_loss, structured_layers
 
         reg = regularization_loss(trainer.model)
-        n = max(len(list(structured_layers(trainer.model))), 1)
+        n = max(len(structured_layers(trainer.model)), 1)
         self._sum += reg.item() / n
         self._n += 1
         return {"reg_loss": self.current_lam(trainer) * reg}
@@ -112,7 +112,7 @@ class StructuralRegularization(Hook):
             return []
         from dyconv_repro.ops.walkers import structured_layers
 
-        return [p for layer in structured_layers(model) for p in layer.parameters(recurse=False)]
+        return [p for _, layer in structured_layers(model) for p in layer.parameters(recurse=False)]
 
 
 class Refocus(Hook):
@@ -129,7 +129,8 @@ class Refocus(Hook):
         layers = list(refconv_layers(model))
         if not layers:
             raise UserError("recipe.refocus is set but the model has no RefConv layer (use op=refconv)")
-        refocus_params = {id(p) for layer in layers for n, p in layer.named_parameters() if "basis" not in n}
+        # the refocusing convs (and the basis itself when op.kwargs.train_basis: it is then a Parameter)
+        refocus_params = {id(p) for _, layer in layers for p in layer.parameters()}
         classifier = _classifier(model)
         for name, module in model.named_modules():
             for pname, p in module.named_parameters(recurse=False):

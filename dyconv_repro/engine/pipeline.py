@@ -33,29 +33,31 @@ def _task_overrides() -> list[str]:
         return []
 
 
-def _compose_stage(cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """The run's config with extra group/value overrides (recomposed through Hydra when needed)."""
+def _compose_stage(cfg: DictConfig, base_overrides: list[str], overrides: list[str]) -> DictConfig:
+    """The run's config with the stage's overrides: recomposed through Hydra from the run's own
+    command-line overrides, so group changes (op=conv, recipe=...) work like on the command line."""
     if not overrides:
         return OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    from hydra import compose
+    from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    if not GlobalHydra.instance().is_initialized():
-        from hydra import initialize_config_dir
+    from dyconv_repro.config_dir import config_dir
 
-        from dyconv_repro.config_dir import config_dir
-
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            return compose("train", overrides=_task_overrides() + list(overrides))
-    return compose("train", overrides=_task_overrides() + list(overrides))
+    if GlobalHydra.instance().is_initialized():
+        return compose("train", overrides=base_overrides + list(overrides))
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("train", overrides=base_overrides + list(overrides))
 
 
-def run_pipeline(cfg: DictConfig) -> dict:
+def run_pipeline(cfg: DictConfig, base_overrides: list[str] | None = None) -> dict:
+    """Train `cfg`, or each of its pipeline stages in order. `base_overrides` are the overrides
+    `cfg` was composed with (default: the current Hydra job's)."""
     from dyconv_repro.engine.trainer import train
 
     stages = cfg.get("pipeline")
     if not stages:
         return train(cfg)
+    base_overrides = _task_overrides() if base_overrides is None else list(base_overrides)
     user_init = cfg.model.get("init_from")
     consumed = {s.get("init_from") for s in stages if s.get("init_from")}
     outputs: dict[str, Path] = {}
@@ -65,7 +67,7 @@ def run_pipeline(cfg: DictConfig) -> dict:
         if user_init and name in consumed:
             log.info("pipeline: skipping stage %r, using model.init_from=%s", name, user_init)
             continue
-        scfg = _compose_stage(cfg, list(stage.get("overrides") or []))
+        scfg = _compose_stage(cfg, base_overrides, list(stage.get("overrides") or []))
         with open_dict(scfg):
             scfg.pipeline = None
             scfg.run_name = f"{cfg.run_name}/{name}"

@@ -73,6 +73,13 @@ def validate_config(cfg: DictConfig) -> None:
         raise UserError(f"recipe.lr must be positive, got {cfg.recipe.lr}")
     if cfg.trainer.amp not in (False, None, "bf16", "fp16"):
         raise UserError(f"trainer.amp must be false, bf16 or fp16, got {cfg.trainer.amp!r}")
+    if cfg.recipe.get("refocus"):
+        random_basis = "random" in (cfg.op.get("kwargs", {}).get("basis"), cfg.recipe.refocus.get("basis"))
+        if not (cfg.model.get("init_from") or cfg.model.get("pretrained") or random_basis):
+            raise UserError("recipe.refocus needs a trained baseline to refocus: set model.init_from=<checkpoint> "
+                            "or model.pretrained=true (or op.kwargs.basis=random for the random-basis ablation)")
+        if cfg.op.name != "refconv":
+            raise UserError(f"recipe.refocus needs op=refconv, got op={cfg.op.name}")
     msp = cfg.trainer.get("max_steps_per_epoch")
     if msp is not None and int(msp) <= 0:
         raise UserError(f"trainer.max_steps_per_epoch must be positive or null, got {msp}")
@@ -407,7 +414,7 @@ class Trainer:
         it = iter(loader)
         for _ in range(batch_skip):  # replay the data order up to the checkpoint, then restore its RNG
             next(it)
-        if rng is not None:
+        if rng is not None and batch_skip > 0:  # at an epoch boundary the epoch seed already decides
             ckpt.set_rng_state(rng)
         log_every = max(int(cfg.trainer.get("log_every", 20)), 1)
         t_epoch = time.time()
@@ -560,11 +567,14 @@ class Trainer:
 
 
 def _state_checksum(model: nn.Module) -> str:
-    """A bit-exact fingerprint of the weights (used to check that DDP ranks agree)."""
+    """A bit-exact fingerprint of the parameters (used to check that DDP ranks agree).
+
+    Buffers are left out on purpose: DDP broadcasts rank 0's BN statistics at the start of each
+    forward, so after the last step every rank holds the statistics of its own last batch."""
     import hashlib
 
     h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
+    for k, v in sorted(model.named_parameters()):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()

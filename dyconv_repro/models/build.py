@@ -18,8 +18,8 @@ from dyconv_repro.models.registry import BACKBONES
 from dyconv_repro.models.roles import LayerReport
 from dyconv_repro.models.surgery import swap_convs
 from dyconv_repro.models.timm_models import build_timm
-from dyconv_repro.ops import OPS
 from dyconv_repro.models.torchvision_models import build_torchvision
+from dyconv_repro.ops import OPS
 
 SOURCES = ("dyconv", "torchvision", "timm")
 
@@ -79,13 +79,18 @@ def build_model_with_report(cfg, verbose: bool = True) -> tuple[nn.Module, list[
 
     if policy.block_routing and op_name != "conv":
         try:
-            from dyconv_repro.models.block_routing import apply_block_routing
+            from dyconv_repro.models.block_routing import apply_block_routing, register_block
         except ModuleNotFoundError as e:
             if e.name != "dyconv_repro.models.block_routing":
                 raise
             raise UserError("policy.block_routing=true needs dyconv_repro/models/block_routing.py, which this "
                             "checkout lacks; set policy.block_routing=false") from None
-        apply_block_routing(model)
+        from dyconv_repro.models.cifar_resnet import BasicBlock
+
+        register_block(BasicBlock)  # our CIFAR ResNet block (library blocks are registered there)
+        n = apply_block_routing(model)
+        if verbose:
+            print(f"[surgery] block-shared routing wired in {n} blocks", flush=True)
 
     if late_sd is not None:
         load_checked(model, late_sd, str(init_path), verbose=verbose,

@@ -24,7 +24,9 @@ that the static (fused, batch-1) MAdds hit the paper's numbers:
   stride-2 unit uses the same 3:1 output split: left = static dw 3x3 s2 + 1x1 (C_in -> C - C_r),
   right = dynamic 1x1 (C_in -> C_r) -> 3x3 s2 grouped -> 1x1. Channel shuffle with 4 groups
   (a 3:1 split is four quarters, so every quarter reaches the right branch over the next blocks).
-  -> 87.4M MAdds (paper 88M; our ShuffleNetV2 1.0x 144.9M vs the paper's 146M).
+  The predictor sees GAP of the whole block input (all C channels, not only the right split).
+  -> 87.4M MAdds (paper 88M; our ShuffleNetV2 1.0x 144.9M vs the paper's 146M). At 1.5x the same
+  rules give 159.3M where the paper's Dy-/Fix-shuffle (1.5) ablation says 171M (-7 %, unresolved).
 * Dy-ResNet18/50: "halve the output channels of the dynamic conv layers in each block". All block
   convs are dynamic, so every block is half as wide: BasicBlock widths 32/64/128/256, Bottleneck
   widths 32/64/128/256 with outputs 128/256/512/1024. The 7x7 stem (64), the projection
@@ -37,7 +39,11 @@ that the static (fused, batch-1) MAdds hit the paper's numbers:
 * `model.kwargs.num_bases` = g_t (paper: 6; ablation 1, 2, 4, 6). `model.width_mult` scales the
   channels (before the rounding to multiples of 6); `model.dropout` (default 0) before the FC.
 
-The dynamic convs come from `make_conv`, which builds operator `dynet` from `dyconv_repro.ops`.
+The dynamic convs come from `make_conv` (operator `dynet`, one FC predictor for mobile/shuffle,
+reduction 4 for the ResNets); `share_predictor` wires the block's single predictor through the
+operator's block routing (ops/routing.py). Dynamic nets at 224 px, g_t = 6 (params / MAdds of the
+fused eval form incl. predictor and kernel aggregation): dy_mobile 7.62M / 136.4M, dy_shuffle
+8.75M / 94.5M, dy_resnet18 17.3M / 594.4M, dy_resnet50 43.6M / 1169M (the paper gives no params).
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ from torchvision.ops.misc import Conv2dNormActivation
 from dyconv_repro.errors import UserError
 from dyconv_repro.models.mobilenet_v1 import cfg_get, cfg_kwargs, check_choice, cifar_stem_enabled
 from dyconv_repro.models.registry import BACKBONES
+from dyconv_repro.ops import build_op
+from dyconv_repro.ops.routing import wire_block
 
 MOBILE_SETTINGS = ((16, 1, 1), (24, 2, 2), (32, 3, 2), (64, 4, 2), (96, 3, 1), (160, 3, 2), (320, 1, 1))
 SHUFFLE_WIDTHS = {
@@ -75,64 +83,29 @@ def make_divisible(v: float, divisor: int = 8) -> int:
 
 
 def make_conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1,
-              dynamic: bool = True, num_bases: int = 6) -> nn.Module:
-    """A block conv: operator `dynet` (g_t = num_bases) when dynamic, else a plain nn.Conv2d."""
+              dynamic: bool = True, num_bases: int = 6, reduction: int = 0) -> nn.Module:
+    """A block conv: operator `dynet` (g_t = num_bases) when dynamic, else a plain nn.Conv2d.
+
+    `reduction` sets the block predictor: 0 = one FC, r = FC C_in -> C_in/r -> ReLU -> FC.
+    """
     padding = kernel_size // 2
     if not dynamic:
         return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False)
-    from dyconv_repro.ops import OPS, build_op
-
-    if "dynet" not in OPS:
-        raise UserError("operator 'dynet' is not available (dyconv_repro/ops/dynet.py missing); "
-                        "use model.kwargs.dynamic=false for the static twin")
     return build_op("dynet", in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                    groups=groups, num_bases=num_bases)
+                    groups=groups, num_bases=num_bases, reduction=reduction)
 
 
-class BlockCoefficients(nn.Module):
-    """DyNet's per-block coefficient predictor: GAP(block input) -> FC(s) -> sigmoid.
+def share_predictor(block: nn.Module, in_channels: int, dynamic: bool) -> None:
+    """One coefficient predictor per block, fed GAP(block input), for all the block's dynamic convs.
 
-    Returns C_out * g_t coefficients per dynamic conv of the block, each shaped (B, C_out, g_t).
+    Uses the operator's block routing (ops/routing.py): the block gets a `block_router` child that
+    runs before the block and hands each dynet conv its (B, C_out, g_t) coefficients.
     """
-
-    def __init__(self, in_channels: int, out_channels: list[int], num_bases: int, hidden: int | None = None):
-        super().__init__()
-        self.num_bases = int(num_bases)
-        self.out_channels = list(out_channels)
-        total = sum(self.out_channels) * self.num_bases
-        if hidden:
-            self.fc = nn.Sequential(nn.Linear(in_channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, total))
-        else:
-            self.fc = nn.Linear(in_channels, total)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        eta = torch.sigmoid(self.fc(x.mean((2, 3))))
-        parts = eta.split([c * self.num_bases for c in self.out_channels], dim=1)
-        return [p.reshape(x.shape[0], c, self.num_bases) for p, c in zip(parts, self.out_channels)]
+    if dynamic and not wire_block(block, channel_slice="all", in_channels=in_channels):
+        raise RuntimeError(f"{type(block).__name__}: no dynamic conv to share a predictor with")
 
 
-def set_block_coefficients(conv: nn.Module, eta: torch.Tensor) -> None:
-    """Hand a block's coefficients (B, C_out, g_t) to one dynamic conv (operator `dynet`)."""
-    conv.set_coefficients(eta)
-
-
-class _DyBlock(nn.Module):
-    """Common part: the names of a block's dynamic convs and their shared predictor (None when static)."""
-
-    def _init_router(self, in_channels: int, names: list[str], dynamic: bool, num_bases: int,
-                     hidden: int | None = None) -> None:
-        self.dynamic_convs = tuple(names) if dynamic else ()
-        outs = [getattr(self, n).out_channels for n in names]
-        self.router = BlockCoefficients(in_channels, outs, num_bases, hidden) if dynamic else None
-
-    def route(self, x: torch.Tensor) -> None:
-        """Predict the coefficients from the block input and give them to the block's dynamic convs."""
-        if self.router is not None:
-            for name, eta in zip(self.dynamic_convs, self.router(x)):
-                set_block_coefficients(getattr(self, name), eta)
-
-
-class DyMobileBlock(_DyBlock):
+class DyMobileBlock(nn.Module):
     """1x1 C_in->C, 3x3 C->C (groups C/6, stride), 1x1 C->C; no expansion; residual when shapes agree."""
 
     def __init__(self, cin: int, cout: int, stride: int, dynamic: bool = True, num_bases: int = 6):
@@ -146,17 +119,16 @@ class DyMobileBlock(_DyBlock):
         self.conv3 = make_conv(cout, cout, 1, dynamic=dynamic, num_bases=num_bases)
         self.bn3 = nn.BatchNorm2d(cout)
         self.act = nn.ReLU6(inplace=True)
-        self._init_router(cin, ["conv1", "conv2", "conv3"], dynamic, num_bases)
+        share_predictor(self, cin, dynamic)
 
     def forward(self, x):
-        self.route(x)
         y = self.act(self.bn1(self.conv1(x)))
         y = self.act(self.bn2(self.conv2(y)))
         y = self.bn3(self.conv3(y))
         return x + y if self.use_res else y
 
 
-class DyShuffleBlock(_DyBlock):
+class DyShuffleBlock(nn.Module):
     """ShuffleNetV2 unit with a 3:1 split; the right branch (1x1 -> grouped 3x3 -> 1x1) is dynamic."""
 
     def __init__(self, cin: int, cout: int, stride: int, dynamic: bool = True, num_bases: int = 6):
@@ -181,10 +153,9 @@ class DyShuffleBlock(_DyBlock):
         self.conv3 = make_conv(r, r, 1, dynamic=dynamic, num_bases=num_bases)
         self.bn3 = nn.BatchNorm2d(r)
         self.act = nn.ReLU(inplace=True)
-        self._init_router(cin, ["conv1", "conv2", "conv3"], dynamic, num_bases)
+        share_predictor(self, cin, dynamic)
 
     def forward(self, x):
-        self.route(x)
         if self.stride == 1:
             left, right = x.split([self.left, self.right], dim=1)
         else:
@@ -195,7 +166,7 @@ class DyShuffleBlock(_DyBlock):
         return channel_shuffle(torch.cat((left, y), dim=1), 4)
 
 
-class DyBasicBlock(_DyBlock):
+class DyBasicBlock(nn.Module):
     """ResNet BasicBlock with dynamic 3x3 convs; predictor FC C_in -> C_in/4 -> ReLU -> FC."""
 
     expansion = 1
@@ -203,22 +174,21 @@ class DyBasicBlock(_DyBlock):
     def __init__(self, cin: int, width: int, stride: int, dynamic: bool = True, num_bases: int = 6):
         super().__init__()
         cout = width * self.expansion
-        self.conv1 = make_conv(cin, width, 3, stride, dynamic=dynamic, num_bases=num_bases)
+        self.conv1 = make_conv(cin, width, 3, stride, dynamic=dynamic, num_bases=num_bases, reduction=4)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = make_conv(width, cout, 3, dynamic=dynamic, num_bases=num_bases)
+        self.conv2 = make_conv(width, cout, 3, dynamic=dynamic, num_bases=num_bases, reduction=4)
         self.bn2 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _shortcut(cin, cout, stride)
-        self._init_router(cin, ["conv1", "conv2"], dynamic, num_bases, hidden=max(cin // 4, 1))
+        share_predictor(self, cin, dynamic)
 
     def forward(self, x):
-        self.route(x)
         y = self.relu(self.bn1(self.conv1(x)))
         y = self.bn2(self.conv2(y))
         return self.relu(y + (x if self.downsample is None else self.downsample(x)))
 
 
-class DyBottleneck(_DyBlock):
+class DyBottleneck(nn.Module):
     """ResNet Bottleneck (stride on the 3x3) with dynamic convs; predictor C_in -> C_in/4 -> FC."""
 
     expansion = 4
@@ -226,19 +196,17 @@ class DyBottleneck(_DyBlock):
     def __init__(self, cin: int, width: int, stride: int, dynamic: bool = True, num_bases: int = 6):
         super().__init__()
         cout = width * self.expansion
-        self.conv1 = make_conv(cin, width, 1, dynamic=dynamic, num_bases=num_bases)
+        self.conv1 = make_conv(cin, width, 1, dynamic=dynamic, num_bases=num_bases, reduction=4)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = make_conv(width, width, 3, stride, dynamic=dynamic, num_bases=num_bases)
+        self.conv2 = make_conv(width, width, 3, stride, dynamic=dynamic, num_bases=num_bases, reduction=4)
         self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = make_conv(width, cout, 1, dynamic=dynamic, num_bases=num_bases)
+        self.conv3 = make_conv(width, cout, 1, dynamic=dynamic, num_bases=num_bases, reduction=4)
         self.bn3 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _shortcut(cin, cout, stride)
-        self._init_router(cin, ["conv1", "conv2", "conv3"], dynamic, num_bases,
-                          hidden=max(cin // 4, 1))
+        share_predictor(self, cin, dynamic)
 
     def forward(self, x):
-        self.route(x)
         y = self.relu(self.bn1(self.conv1(x)))
         y = self.relu(self.bn2(self.conv2(y)))
         y = self.bn3(self.conv3(y))

@@ -105,7 +105,7 @@ def _trace(model: nn.Module, layers: dict[str, nn.Module], in_chans: int, sizes:
         order: dict[str, tuple[int, tuple]] = {}
         handles = []
         for name, m in layers.items():
-            def hook(mod, inp, out, name=name):
+            def hook(mod, inp, out, name=name, order=order):
                 if name not in order and isinstance(out, torch.Tensor):
                     order[name] = (len(order), tuple(out.shape[2:]))
             handles.append(m.register_forward_hook(hook))
@@ -178,7 +178,7 @@ def infer_layers(model: nn.Module, image_size: int | None = None) -> list[LayerR
         parts = name.split(".")
         for i in range(len(parts) - 1, 0, -1):
             prefix = ".".join(parts[:i])
-            if counts.get(prefix, 0) >= 2 and not type(named[prefix]) in _CONTAINERS:
+            if counts.get(prefix, 0) >= 2 and type(named[prefix]) not in _CONTAINERS:
                 return prefix
         return None
 

@@ -11,10 +11,13 @@ recognize the blocks), with three differences taken from the official `shufflene
 * the 3x3 stem conv and the 1x1 `conv_last` (here `conv5`) have a bias; dropout before the
   classifier (0.2 for 2.0x, 0 otherwise, as officially; `model.dropout` overrides).
 
-Static counts (224 px, params incl. biases + BN affine): 1.368M/40.6M, 2.213M/138.3M,
-3.509M/300.7M, 5.505M/560.7M MAdds, equal to TABLES.md "Derived checks" 3.
+Static counts (224 px, FlopCounterMode): 1.368M/40.5M, 2.213M/137.6M, 3.509M/299.0M,
+5.505M/557.3M MAdds. Params equal TABLES.md "Derived checks" 3; MAdds are 0.3-0.6 % below its
+recount (40.6/138.3/300.7/560.7) and equal to the README baselines (41/138/299/557).
 Every conv inside the blocks is a plain nn.Conv2d: the WeightNet variant is this network after
-`swap_convs(model, "weightnet", policy)` (+ block routing for the per-block shared `x_gap`).
+`swap_convs(model, "weightnet", policy)` plus block routing (the per-block shared `x_gap`); with
+M=2, G=2 that gives 1.464M/40.6M, 2.436M/137.8M, 3.915M/299.4M, 6.198M/557.9M (derived:
+1.464/40.7, 2.436/138.5, 3.915/301.1, 6.198/561.4).
 """
 
 from __future__ import annotations

@@ -75,6 +75,22 @@ def fold_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding,
     return y.reshape(b, c_out, y.shape[-2], y.shape[-1])
 
 
+class _DenseGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient dense.
+
+    `y.sum().backward()` (and similar) hands back a stride-0 expanded gradient, which sends CPU bmm
+    to a per-batch copy loop (~10x slower); a conv makes its grad contiguous itself, bmm does not.
+    """
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous()
+
+
 def matmul_conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None, stride) -> Tensor:
     """1x1, zero-padding, groups=1 per-sample conv as a batched matmul; output keeps x's memory format."""
     sh, sw = stride
@@ -88,9 +104,13 @@ def matmul_conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None, stride) -> Te
             y = torch.bmm(xm, wmat.transpose(1, 2))
         else:
             y = torch.baddbmm(bias.unsqueeze(1), xm, wmat.transpose(1, 2))
+        if y.requires_grad:
+            y = _DenseGrad.apply(y)
         return y.reshape(b, h, w, -1).permute(0, 3, 1, 2)
     xm = x.reshape(b, c_in, h * w)
     y = torch.bmm(wmat, xm) if bias is None else torch.baddbmm(bias.unsqueeze(2), wmat, xm)
+    if y.requires_grad:
+        y = _DenseGrad.apply(y)
     return y.reshape(b, -1, h, w)
 
 

@@ -87,7 +87,8 @@ class _Structured(nn.Module):
         else:
             alpha = torch.randn(out_features, *self.hidden_dims)
             w = _apply_factors(alpha, self._bases())
-            self.alpha = nn.Parameter(alpha * (bound / math.sqrt(3) / w.std().clamp_min(1e-12)))
+            # scale alpha so that W = A alpha has the RMS of the dense layer's default init
+            self.alpha = nn.Parameter(alpha * (bound / math.sqrt(3) / w.square().mean().sqrt().clamp_min(1e-12)))
         self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound)) if bias else None
 
     def _bases(self):

@@ -1,0 +1,106 @@
+"""Params / MAdds: exact counts on single layers, the published static MobileNetV2 table, the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from dyconv_repro.analysis.complexity import complexity_report, count_madds, count_params
+from dyconv_repro.cli import complexity as cli
+from dyconv_repro.models import BACKBONES
+from dyconv_repro.ops import OPS, build_op
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_exact_counts_of_conv_and_linear():
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=True), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    assert count_params(conv) == 8 * 3 * 9 + 8 + 8 * 5 + 5
+    # 16x16 output x 8 channels x 27 MACs + 8x5 classifier; ReLU, pooling and bias adds are free
+    assert count_madds(conv, 32) == 16 * 16 * 8 * 27 + 40
+    conv.train()
+    count_madds(conv, 32)
+    assert conv.training  # mode restored
+
+
+@pytest.mark.parametrize("width,params_m,madds_m", [(1.0, 3.5, 300), (0.75, 2.6, 209), (0.5, 2.0, 97),
+                                                    (0.35, 1.7, 59)])
+def test_static_mobilenet_v2_matches_the_published_table(width, params_m, madds_m):
+    model = BACKBONES.get("mobilenet_v2")({"width_mult": width}, 1000, 224)
+    params, madds = count_params(model) / 1e6, count_madds(model, 224) / 1e6
+    assert abs(params - params_m) / params_m <= 0.02, params
+    assert abs(madds - madds_m) / madds_m <= 0.03, madds
+
+
+@pytest.mark.parametrize("op,kwargs,k", [("condconv", {"num_experts": 4}, 4), ("dynamicconv", {"num_kernels": 4}, 4)])
+def test_kernel_aggregation_is_counted(op, kwargs, k):
+    if op not in OPS:
+        pytest.skip(f"operator {op} does not exist yet")
+    layer = build_op(op, 16, 32, 3, **kwargs)
+    static = count_madds(nn.Conv2d(16, 32, 3, padding=1, bias=False), 8, in_chans=16)
+    weights = 32 * 16 * 9
+    assert count_madds(layer, 8, in_chans=16) >= static + k * weights  # K MAdds per kernel weight per sample
+
+
+def test_deploy_counts_refconv():
+    if "refconv" not in OPS:
+        pytest.skip("refconv does not exist yet")
+    from dyconv_repro.models import swap_convs
+
+    base = BACKBONES.get("resnet20")({}, 10, 32)
+    ref = complexity_report(base, 32)
+    assert ref["params"] == ref["deploy_params"] and ref["madds"] == ref["deploy_madds"]
+    swap_convs(base, "refconv", "refconv", {"init": "zero"})
+    rep = complexity_report(base, 32)
+    # training form: frozen basis (a buffer) + refocusing conv, whose kernel transform costs MAdds
+    assert rep["madds"] > ref["madds"]
+    assert (rep["deploy_params"], rep["deploy_madds"]) == (ref["params"], ref["madds"])
+
+
+def test_cli_config_and_layers(capsys):
+    cli.main(["model=resnet20", "op=se", "--layers"])
+    out = capsys.readouterr().out
+    assert "layer1.0.conv1" in out and "replaced 18 of 19 convs" in out
+    ref = complexity_report(BACKBONES.get("resnet20")({}, 10, 32), 32)
+    assert "MAdds" in out and "model=resnet20 op=se policy=se" in out
+    cli.main(["model=resnet20"])
+    out = capsys.readouterr().out
+    assert f"params {ref['params'] / 1e6:.2f}M  MAdds {ref['madds'] / 1e6:.2f}M" in out
+
+
+def test_cli_errors_and_missing_paper(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["model=no_such_model"])
+    assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--paper", "no_such_paper"])
+    assert e.value.code == 0 and "nothing to compare" in capsys.readouterr().err
+
+
+def _expected_rows():
+    for path in sorted((REPO / "results" / "expected").glob("*.yaml")):
+        for row in (yaml.safe_load(path.read_text()) or {}).get("rows", []):
+            if row.get("params_m") is not None or row.get("madds_m") is not None:
+                yield pytest.param(row, id=row["id"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row", list(_expected_rows()))
+def test_expected_params_and_madds(row):
+    """The published params/MAdds of every experiment row, within the row's tolerance (results/expected)."""
+    from dyconv_repro.models.build import build_model
+
+    cfg = cli.compose([f"experiment={row['id']}"])
+    torch.manual_seed(0)
+    report = complexity_report(build_model(cfg), int(cfg.data.image_size))
+    tol = row.get("tolerance") or {}
+    if row.get("params_m") is not None:
+        assert abs(report["params"] / 1e6 - row["params_m"]) / row["params_m"] * 100 <= tol.get("params_pct", 2)
+    if row.get("madds_m") is not None:
+        assert abs(report["madds"] / 1e6 - row["madds_m"]) / row["madds_m"] * 100 <= tol.get("madds_pct", 3)

@@ -1,0 +1,266 @@
+"""Input-dependent operators: nn.Conv2d parity, fast paths == per-sample reference, batch independence."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dyconv_repro.errors import UserError
+from dyconv_repro.ops import build_op
+from dyconv_repro.ops.condconv import CondLinear
+from dyconv_repro.ops.shared import dynamic_conv2d, loop_conv2d
+
+DYNAMIC = ("condconv", "dynamicconv", "weightnet", "dynet")
+ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _channels(groups: str):
+    """(C_in, C_out, groups) for 'dense' | 'grouped' | 'depthwise'."""
+    return {"dense": (4, 6, 1), "grouped": (4, 6, 2), "depthwise": (4, 4, 4)}[groups]
+
+
+def _static_twin(op) -> nn.Conv2d:
+    return nn.Conv2d(op.in_channels, op.out_channels, op.kernel_size, op.stride, op.padding, op.dilation,
+                     op.groups, bias=op.use_bias)
+
+
+GRID = list(itertools.product((1, 3, 5), (1, 2), ("dense", "grouped", "depthwise")))
+
+
+@pytest.mark.parametrize("name", DYNAMIC)
+def test_conv2d_parity_grid(name):
+    """Shapes and attributes as nn.Conv2d over kernel/stride/groups (+ bias, padding, dilation variants)."""
+    for i, (k, s, g) in enumerate(GRID):
+        cin, cout, groups = _channels(g)
+        bias = i % 2 == 0
+        padding, dilation = [(None, 1), (0, 1), (2, 1), (None, 2)][i % 4]
+        op = build_op(name, cin, cout, k, stride=s, padding=padding, dilation=dilation, groups=groups, bias=bias)
+        ref = _static_twin(op)
+        assert (op.in_channels, op.out_channels, op.kernel_size, op.stride, op.groups) == (
+            ref.in_channels, ref.out_channels, ref.kernel_size, ref.stride, ref.groups)
+        x = torch.randn(3, cin, 9, 8)
+        want = ref(x).shape
+        for train in (True, False):
+            op.train(train)
+            y = op(x)
+            y_cl = op(x.to(memory_format=torch.channels_last))
+            assert y.shape == want and y_cl.shape == want, (k, s, g)
+            torch.testing.assert_close(y_cl, y, atol=ATOL, rtol=1e-4)
+
+
+def _regimes():
+    # (C_in, C_out, k, stride, groups, batch): the regimes the fast-path selector distinguishes
+    return [(8, 6, 1, 1, 1, 3), (8, 6, 1, 2, 1, 3), (8, 6, 3, 1, 1, 3), (8, 6, 3, 2, 2, 3),
+            (6, 6, 3, 1, 6, 3), (6, 6, 5, 2, 6, 2), (8, 6, 3, 1, 1, 1), (8, 6, 1, 1, 1, 1)]
+
+
+def _grads(op, x, fn):
+    op.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    y = fn(x)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    y.backward(g)
+    return y.detach(), x.grad, {n: p.grad.clone() for n, p in op.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", DYNAMIC)
+def test_fast_paths_equal_reference(name):
+    """Every path (auto/fold/matmul), NCHW and channels_last, == per-sample loop: outputs and gradients."""
+    for cin, cout, k, s, g, b in _regimes():
+        op = build_op(name, cin, cout, k, stride=s, groups=g, bias=True)
+        if name == "dynet":
+            op.fused = True
+        x = torch.randn(b, cin, 7, 7)
+        y_ref, gx_ref, gp_ref = _grads(op, x, op.reference_forward)
+        paths = ["auto", "fold"] + (["matmul"] if k == 1 and g == 1 else [])
+        for path, cl in itertools.product(paths, (False, True)):
+            op.path = path
+            xx = x.to(memory_format=torch.channels_last) if cl else x
+            y, gx, gp = _grads(op, xx, op)
+            where = (cin, cout, k, s, g, b, path, cl)
+            torch.testing.assert_close(y, y_ref, atol=ATOL, rtol=1e-4, msg=lambda m, w=where: f"{w}: {m}")
+            torch.testing.assert_close(gx, gx_ref, atol=ATOL, rtol=1e-4)
+            assert gp.keys() == gp_ref.keys()
+            for n in gp:
+                torch.testing.assert_close(gp[n], gp_ref[n], atol=1e-4, rtol=1e-4, msg=lambda m, n=n, w=where: f"{w} {n}: {m}")
+
+
+def test_dynamic_conv2d_matmul_keeps_channels_last_and_rejects_bad_geometry():
+    x = torch.randn(2, 4, 5, 5).to(memory_format=torch.channels_last)
+    w = torch.randn(2, 3, 4, 1, 1)
+    y = dynamic_conv2d(x, w, None, (1, 1), (0, 0), (1, 1), 1, path="matmul")
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, loop_conv2d(x, w, None, (1, 1), (0, 0), (1, 1), 1))
+    with pytest.raises(ValueError):
+        dynamic_conv2d(x, torch.randn(2, 3, 4, 3, 3), None, (1, 1), (1, 1), (1, 1), 1, path="matmul")
+    with pytest.raises(ValueError):
+        dynamic_conv2d(x, w, None, (1, 1), (0, 0), (1, 1), 1, path="nope")
+
+
+@pytest.mark.parametrize("name", DYNAMIC)
+def test_sample_alone_equals_in_batch(name):
+    for k, g in ((1, "dense"), (3, "dense"), (3, "depthwise")):
+        cin, cout, groups = _channels(g)
+        op = build_op(name, cin, cout, k, groups=groups, bias=True).eval()
+        x = torch.randn(4, cin, 6, 6)
+        with torch.no_grad():
+            y = op(x)
+            for i in range(4):
+                torch.testing.assert_close(op(x[i:i + 1]), y[i:i + 1], atol=ATOL, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- explicit formulas
+
+
+def test_condconv_matches_formula_and_experts_are_independent():
+    op = build_op("condconv", 4, 6, 3, bias=True, num_experts=3)
+    x = torch.randn(2, 4, 6, 6)
+    r = torch.sigmoid(op.router(x.mean((2, 3))))
+    for i in range(2):
+        w = sum(r[i, e] * op.weight[e] for e in range(3))
+        b = sum(r[i, e] * op.bias[e] for e in range(3))
+        torch.testing.assert_close(op(x)[i:i + 1], F.conv2d(x[i:i + 1], w, b, padding=1), atol=ATOL, rtol=1e-4)
+    flat = op.weight.detach().reshape(3, -1)
+    assert torch.cdist(flat, flat)[~torch.eye(3, dtype=torch.bool)].min() > 0.1  # not copies of one init
+    bound = 1 / (4 * 9) ** 0.5  # nn.Conv2d's kaiming_uniform(a=sqrt(5)) bound
+    assert op.weight.abs().max() <= bound and op.weight.abs().max() > 0.8 * bound
+
+
+def test_condconv_softmax_routing_and_static_copy():
+    static = nn.Conv2d(4, 6, 3, padding=1, bias=True)
+    op = build_op("condconv", 4, 6, 3, bias=True, routing="softmax", init_from_static=True)
+    assert op.init_from_static
+    op.load_static_weight(static.weight, static.bias)
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(op(x), static(x), atol=ATOL, rtol=1e-4)  # softmax weights sum to 1
+    sig = build_op("condconv", 4, 6, 3, num_experts=2)
+    sig.load_static_weight(static.weight)
+    r = sig.routing_weights(x).sum(1)
+    torch.testing.assert_close(sig(x), F.conv2d(x, static.weight, padding=1) * r[:, None, None, None], atol=ATOL,
+                               rtol=1e-4)
+    with pytest.raises(UserError):
+        build_op("condconv", 4, 6, 3, routing="argmax")
+    with pytest.raises(UserError):
+        op.load_static_weight(torch.randn(6, 4, 1, 1))
+
+
+def test_cond_linear_equals_per_sample_weights():
+    lin = CondLinear(5, 3, num_experts=4)
+    x = torch.randn(6, 5, requires_grad=True)
+    y = lin(x)
+    r = lin.routing_weights(x)
+    w = torch.einsum("bk,koi->boi", r, lin.weight)
+    b = r @ lin.bias
+    ref = torch.stack([w[i] @ x[i] + b[i] for i in range(6)])
+    torch.testing.assert_close(y, ref, atol=ATOL, rtol=1e-4)
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g, retain_graph=True)
+    (gx_ref,) = torch.autograd.grad(ref, x, g)
+    torch.testing.assert_close(gx, gx_ref, atol=ATOL, rtol=1e-4)
+    static = nn.Linear(5, 3)
+    soft = CondLinear(5, 3, routing="softmax")
+    soft.load_static_weight(static.weight, static.bias)
+    torch.testing.assert_close(soft(x), static(x), atol=ATOL, rtol=1e-4)
+    assert lin(torch.randn(2, 7, 5)).shape == (2, 7, 3)
+
+
+def test_dynamicconv_attention_formula_and_static_copy():
+    op = build_op("dynamicconv", 8, 6, 3, bias=True, temperature=1.0)
+    assert op.attention[0].out_features == 2 and op.num_kernels == 4  # FC1: C_in -> C_in/4
+    x = torch.randn(2, 8, 5, 5)
+    pi = torch.softmax(op.attention(x.mean((2, 3))), 1)
+    torch.testing.assert_close(op.attention_weights(x), pi)
+    w = torch.einsum("bk,k...->b...", pi, op.weight)
+    b = pi @ op.bias
+    torch.testing.assert_close(op(x)[1:], F.conv2d(x[1:], w[1], b[1], padding=1), atol=ATOL, rtol=1e-4)
+    static = nn.Conv2d(8, 6, 3, padding=1, bias=True)
+    op.load_static_weight(static.weight, static.bias)
+    torch.testing.assert_close(op(x), static(x), atol=ATOL, rtol=1e-4)
+
+
+def test_dynamicconv_temperature_buffer_round_trip_and_large_tau():
+    op = build_op("dynamicconv", 8, 8, 3)
+    assert float(op.temperature) == 30.0
+    op.set_temperature(7.5)
+    sd = op.state_dict()
+    assert float(sd["temperature"]) == 7.5
+    fresh = build_op("dynamicconv", 8, 8, 3)
+    fresh.load_state_dict(sd)
+    assert float(fresh.temperature) == 7.5
+    x = torch.randn(2, 8, 5, 5)
+    torch.testing.assert_close(fresh(x), op(x))
+    with torch.no_grad():  # make the logits large so that tau visibly matters
+        op.attention[-1].weight.mul_(50)
+    op.set_temperature(1.0)
+    assert (op.attention_weights(x).max(1).values - 0.25).abs().max() > 0.05
+    op.set_temperature(1e5)
+    torch.testing.assert_close(op.attention_weights(x), torch.full((2, 4), 0.25), atol=1e-3, rtol=0)
+    with pytest.raises(UserError):
+        op.set_temperature(0)
+
+
+def test_weightnet_matches_official_grouped_fc():
+    """Kernel == official layout: grouped 1x1 conv fc2 (groups=G*C_out) reshaped to (C_out, C_in, k, k)."""
+    for cin, cout, k, groups, m, g in ((8, 6, 3, 1, 2, 2), (8, 6, 1, 1, 4, 2), (6, 6, 3, 6, 2, 2), (8, 8, 3, 8, 4, 1)):
+        op = build_op("weightnet", cin, cout, k, groups=groups, M=m, G=g)
+        x = torch.randn(2, cin, 5, 5)
+        x_gap = op.reduce(x.mean((2, 3)))
+        a = torch.sigmoid(op.fc1(x_gap))[:, :, None, None]
+        rows, entries, per = op.fc2.shape
+        fc2_conv = op.fc2.reshape(rows * entries, per, 1, 1)
+        w = F.conv2d(a, fc2_conv, groups=rows).reshape(2, cout, cin // groups, k, k)
+        for i in range(2):
+            torch.testing.assert_close(op(x)[i:i + 1], F.conv2d(x[i:i + 1], w[i], padding=k // 2, groups=groups),
+                                       atol=ATOL, rtol=1e-4)
+        lam = m // g
+        if groups == 1:
+            assert op.fc1.out_features == m * cout and rows == g * cout
+            assert op.fc2.numel() == lam * cout * cin * k * k
+        else:
+            assert op.depthwise and op.fc1.out_features == lam * cout and op.fc2.numel() == lam * cout * k * k
+        assert op.gap_channels == 16 and op.reduce.in_features == cin
+    with pytest.raises(UserError):
+        build_op("weightnet", 4, 4, 3, M=3, G=2)
+
+
+def test_dynet_training_form_equals_fused_form():
+    for cin, cout, k, s, groups, reduction in ((6, 4, 3, 1, 1, 4), (6, 6, 3, 2, 3, 0), (6, 8, 1, 1, 1, 2)):
+        op = build_op("dynet", cin, cout, k, stride=s, groups=groups, bias=True, reduction=reduction)
+        assert op.weight.shape[:2] == (cout, 6)
+        x = torch.randn(3, cin, 7, 7)
+        y_t, gx_t, gp_t = _grads(op, x, op.training_forward)
+        y_f, gx_f, gp_f = _grads(op, x, op.fused_forward)
+        torch.testing.assert_close(y_f, y_t, atol=ATOL, rtol=1e-4)
+        torch.testing.assert_close(gx_f, gx_t, atol=ATOL, rtol=1e-4)
+        for n in gp_t:
+            torch.testing.assert_close(gp_f[n], gp_t[n], atol=1e-4, rtol=1e-4)
+        eta = op.coefficients(x)
+        w0 = (eta[0, :, :, None, None, None] * op.weight).sum(1)
+        torch.testing.assert_close(y_f[:1], F.conv2d(x[:1], w0, (eta[0] * op.bias).sum(1), s, k // 2, 1, groups),
+                                   atol=ATOL, rtol=1e-4)
+
+
+def test_dynet_mode_switch_and_no_fake_reparameterize(monkeypatch):
+    op = build_op("dynet", 4, 4, 3)
+    assert not hasattr(op, "reparameterize")  # input-dependent: there is no static equivalent
+    x = torch.randn(2, 4, 5, 5)
+    calls = []
+    monkeypatch.setattr(op, "training_forward", lambda x: calls.append("train") or op.fused_forward(x))
+    op.eval()
+    op(x)
+    assert calls == []  # eval mode runs the fused (inference) form
+    op.train()
+    op(x)
+    assert calls == ["train"]
+    op.fused = True
+    op(x)
+    assert calls == ["train"]
