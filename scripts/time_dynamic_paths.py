@@ -1,10 +1,10 @@
 """Time the dynamic ops' conv paths against the static floor (the evidence behind shared.select_path).
 
     .venv/bin/python scripts/time_dynamic_paths.py [--batch 64] [--reps 3] [--ops dynamicconv,condconv]
-        [--paths auto,fold] [--layers pw,dw,dense] [--batch1]
+        [--paths auto,fold] [--layers pw,dw,dense] [--forward-only] [--threads 2] [--clock wall|cpu]
 
 Floor = the faster of nn.Conv2d in NCHW and channels_last; each op is timed with both input formats.
-Timings interleave the candidates and keep the minimum of `reps` (the CPU is shared, noise is one-sided).
+Backward uses a dense random output gradient (as in training). Timings interleave the candidates and keep the minimum of `reps` (the CPU is shared, noise is one-sided).
 """
 
 from __future__ import annotations
@@ -26,27 +26,28 @@ LAYERS = {  # name: (C_in, C_out, k, groups, H)
 }
 
 
-def _step(mod, x, backward):
+def _step(mod, x, backward, grad=None):
+    """One forward (+ backward with a dense random output gradient, as in training)."""
     def run():
         if backward:
             x.grad = None
             mod.zero_grad(set_to_none=True)
-            mod(x).sum().backward()
+            mod(x).backward(grad)
         else:
             with torch.no_grad():
                 mod(x)
     return run
 
 
-def _time(cands: dict, reps: int) -> dict:
+def _time(cands: dict, reps: int, clock) -> dict:
     for f in cands.values():
         f()
     out = {k: float("inf") for k in cands}
     for _ in range(reps):
         for k, f in cands.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             f()
-            out[k] = min(out[k], time.perf_counter() - t0)
+            out[k] = min(out[k], clock() - t0)
     return out
 
 
@@ -59,6 +60,8 @@ def main() -> None:
     ap.add_argument("--paths", default="auto")
     ap.add_argument("--layers", default="pw,dw,dense")
     ap.add_argument("--forward-only", action="store_true")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu = process CPU time: robust to other jobs on a shared machine (use with --threads 1)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -70,7 +73,9 @@ def main() -> None:
         x = torch.randn(args.batch, ci, h, h, requires_grad=backward)
         xcl = x.detach().to(memory_format=torch.channels_last).requires_grad_(backward)
         static = nn.Conv2d(ci, co, k, padding=k // 2, groups=g, bias=False)
-        cands = {"static_nchw": _step(static, x, backward), "static_cl": _step(static, xcl, backward)}
+        with torch.no_grad():
+            grad = torch.randn_like(static(x))
+        cands = {"static_nchw": _step(static, x, backward, grad), "static_cl": _step(static, xcl, backward, grad)}
         for op_name in args.ops.split(","):
             op = build_op(op_name, ci, co, k, groups=g)
             for path in args.paths.split(","):
@@ -79,11 +84,11 @@ def main() -> None:
                 op.path = path
                 # bind the path at call time so each candidate keeps its own
                 for fmt, xx in (("nchw", x), ("cl", xcl)):
-                    def run(op=op, path=path, xx=xx):
+                    def run(op=op, path=path, xx=xx, grad=grad):
                         op.path = path
-                        _step(op, xx, backward)()
+                        _step(op, xx, backward, grad)()
                     cands[f"{op_name}/{path}/{fmt}"] = run
-        t = _time(cands, args.reps)
+        t = _time(cands, args.reps, time.perf_counter if args.clock == "wall" else time.process_time)
         floor = min(t["static_nchw"], t["static_cl"])
         row = [f"{lname:9s} floor {floor * 1e3:7.1f}ms (nchw {t['static_nchw'] * 1e3:.1f} cl {t['static_cl'] * 1e3:.1f})"]
         for key in cands:

@@ -264,3 +264,15 @@ def test_dynet_mode_switch_and_no_fake_reparameterize(monkeypatch):
     op.fused = True
     op(x)
     assert calls == ["train"]
+
+
+def test_gap_custom_backward_matches_mean():
+    from dyconv_repro.ops.shared import gap
+
+    x = torch.randn(2, 3, 4, 5, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(gap, (x,))
+    x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_(True)
+    g = torch.randn(2, 3, dtype=torch.double)
+    (got,) = torch.autograd.grad(gap(x_cl), x_cl, g)
+    (want,) = torch.autograd.grad(x.mean((2, 3)), x, g)
+    torch.testing.assert_close(got, want)

@@ -109,23 +109,15 @@ def candidates(ops: list[str] | None = None) -> list[tuple[str, Callable[[LayerS
     return out
 
 
-def _time(fn: Callable[[], object], threads: int, repeats: int, min_block_s: float) -> tuple[float, float]:
-    """(median, min) seconds per call over `repeats` blocks after warm-up; a block lasts >= min_block_s."""
-    fn()
-    fn()
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-    once = timer.timeit(1).median
-    number = max(1, math.ceil(min_block_s / max(once, 1e-7)))
-    ts = [timer.timeit(number).median for _ in range(repeats)]
-    return statistics.median(ts), min(ts)
+def _fmt(fmt: str):
+    return torch.channels_last if fmt == "cl" else torch.contiguous_format
 
 
-def time_module(m: nn.Module, s: LayerShape, batch: int, regime: str, fmt: str, device, threads, repeats,
-                min_block_s) -> tuple[float, float]:
-    mf = torch.channels_last if fmt == "cl" else torch.contiguous_format
+def make_fn(m: nn.Module, regime: str, fmt: str, device, x: torch.Tensor, g: torch.Tensor | None):
+    """The timed statement: eval + no_grad forward, or train-mode forward + grads of input and params."""
+    mf = _fmt(fmt)
     # only 4-D tensors have a channels_last layout (routers, expert banks etc. stay as they are)
     m = m.to(device)._apply(lambda t: t.contiguous(memory_format=mf) if t.dim() == 4 else t)
-    x = torch.randn(batch, s.cin, s.hw, s.hw, device=device).to(memory_format=mf)
     if regime == "fwd":
         m.eval()
 
@@ -134,20 +126,36 @@ def time_module(m: nn.Module, s: LayerShape, batch: int, regime: str, fmt: str, 
                 return m(x)
     else:
         m.train()
-        x.requires_grad_(True)
         params = [p for p in m.parameters() if p.requires_grad]
-        with torch.no_grad():
-            g = torch.randn_like(m(x))
 
         def fn():
             return torch.autograd.grad(m(x), [x, *params], g)
 
-    return _time(fn, threads, repeats, min_block_s)
+    return fn
+
+
+class _Job:
+    """One timed statement: warmed up and calibrated so that one block lasts >= min_block_s."""
+
+    def __init__(self, fn, threads: int, min_block_s: float):
+        fn()
+        fn()
+        self.timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+        once = self.timer.timeit(1).median
+        self.number = max(1, math.ceil(min_block_s / max(once, 1e-7)))
+        self.times: list[float] = []
+
+    def block(self) -> None:
+        self.times.append(self.timer.timeit(self.number).median)
 
 
 def run(device: str = "cpu", threads: int = 2, repeats: int = 5, batch: int = 64, shapes=None, ops=None,
         formats=("nchw", "cl"), min_block_s: float = 0.05, progress: bool = True) -> list[dict]:
-    """Time everything; returns one row per (regime, shape, label) with the best format's time and ratio."""
+    """Time everything; one row per (regime, shape, label) with the best format's median time and ratio.
+
+    All statements of one (shape, regime) are timed round-robin (repeat r of every op, then repeat
+    r+1, ...), so a load spike from other processes hits the floor and the ops alike.
+    """
     torch.set_num_threads(threads)
     dev = torch.device(device)
     shapes = shapes or SHAPES
@@ -157,33 +165,53 @@ def run(device: str = "cpu", threads: int = 2, repeats: int = 5, batch: int = 64
         for regime, bkey in REGIMES:
             b = 1 if bkey == "b1" else batch
             base = {"device": device, "regime": regime, "batch": b, "shape": s.name, "role": s.role}
-            floor_t = {f: time_module(nn.Conv2d(s.cin, s.cout, s.k, s.stride, s.k // 2, groups=s.groups,
-                                                bias=False), s, b, regime, f, dev, threads, repeats, min_block_s)
-                       for f in formats}
-            floor = min(t for t, _ in floor_t.values())
-            for f, (t, tmin) in floor_t.items():
-                rows.append({**base, "label": f"floor.conv[{f}]", "format": f, "time_s": t, "min_s": tmin,
-                             "floor_s": floor, "ratio": t / floor})
-            for label, make in cands:
+            inputs = {}
+            for f in formats:
+                x = torch.randn(b, s.cin, s.hw, s.hw, device=dev).to(memory_format=_fmt(f))
+                conv = nn.Conv2d(s.cin, s.cout, s.k, s.stride, s.k // 2, groups=s.groups, bias=False).to(dev)
+                g = None
+                if regime != "fwd":
+                    x.requires_grad_(True)
+                    with torch.no_grad():
+                        g = torch.randn_like(conv(x))
+                inputs[f] = (x, g)
+            jobs: dict[tuple[str, str], _Job] = {}
+            errors: dict[str, str] = {}
+            entries = [("floor.conv", lambda s: nn.Conv2d(s.cin, s.cout, s.k, s.stride, s.k // 2,
+                                                          groups=s.groups, bias=False))] + cands
+            for label, make in entries:
                 if s.role not in APPLIES.get(label.split("[")[0], (s.role,)):
                     continue
-                times = {}
                 for f in formats:
                     torch.manual_seed(0)
                     try:  # an op that refuses this shape (or breaks) is reported, not fatal
-                        times[f] = time_module(make(s), s, b, regime, f, dev, threads, repeats, min_block_s)
+                        jobs[label, f] = _Job(make_fn(make(s), regime, f, dev, *inputs[f]), threads, min_block_s)
                     except Exception as e:  # noqa: BLE001
                         msg = str(e).splitlines()[0] if str(e) else ""
-                        times = {"error": f"{type(e).__name__}: {msg}"}
+                        errors[label] = f"{type(e).__name__}: {msg}"
                         break
-                if "error" in times:
+            for _ in range(repeats):
+                for job in jobs.values():
+                    job.block()
+            med = {k: statistics.median(j.times) for k, j in jobs.items()}
+            floor = min(med["floor.conv", f] for f in formats)
+            for f in formats:
+                rows.append({**base, "label": f"floor.conv[{f}]", "format": f, "time_s": med["floor.conv", f],
+                             "min_s": min(jobs["floor.conv", f].times), "floor_s": floor,
+                             "ratio": med["floor.conv", f] / floor})
+            for label, _ in cands:
+                if label in errors:
                     rows.append({**base, "label": label, "format": "-", "time_s": float("nan"),
-                                 "floor_s": floor, "ratio": float("nan"), "note": times["error"]})
+                                 "floor_s": floor, "ratio": float("nan"), "note": errors[label]})
                     continue
-                best = min(times, key=lambda f: times[f][0])
-                t, tmin = times[best]
-                rows.append({**base, "label": label, "format": best, "time_s": t, "min_s": tmin, "floor_s": floor,
-                             "ratio": t / floor})
+                got = [f for f in formats if (label, f) in jobs]
+                if not got:
+                    continue
+                best = min(got, key=lambda f: med[label, f])
+                rows.append({**base, "label": label, "format": best, "time_s": med[label, best],
+                             "min_s": min(jobs[label, best].times), "floor_s": floor,
+                             "ratio": med[label, best] / floor})
+            del jobs, inputs
             if progress:
                 print(f"  done {s.name} {regime} b{b} (floor {floor * 1e3:.2f} ms)", flush=True)
     return rows

@@ -1,4 +1,4 @@
-"""`dyconv-bench <subcommand>`: speed benchmarks. `ops`: every operator vs the static conv floor."""
+"""`dyconv-bench <subcommand>`: speed benchmarks. `ops`: every operator vs the static conv floor; `model`: whole networks vs the static model."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 
 import torch
 
+from dyconv_repro.analysis.bench_model import add_model_parser
 from dyconv_repro.cli.common import user_errors_exit
 from dyconv_repro.errors import UserError
 
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dyconv-bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     add_ops_parser(sub)
+    add_model_parser(sub)
     return parser
 
 

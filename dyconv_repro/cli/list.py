@@ -58,10 +58,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="dyconv-list", description=__doc__)
     parser.add_argument("what", nargs="?", default="all", choices=[*secs, "all"])
     args = parser.parse_args(argv)
+    try:
+        _print(secs, args.what)
+    except BrokenPipeError:  # `dyconv-list | head`
+        pass
+
+
+def _print(secs: dict, what: str) -> None:
     for name, fn in secs.items():
-        if args.what in (name, "all"):
+        if what in (name, "all"):
             lines = fn()
-            print(f"{name} ({len(lines) if name != 'ops' else len([ln for ln in lines if 'options:' not in ln])}):")
+            entries = [ln for ln in lines if ln[2:3] not in (" ", "(")]  # not continuation / note lines
+            print(f"{name} ({len(entries)}):")
             print("\n".join(lines) if lines else "  (none)")
 
 

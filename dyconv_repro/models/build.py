@@ -76,6 +76,11 @@ def build_model_with_report(cfg, verbose: bool = True) -> tuple[nn.Module, list[
     OPS.get(op_name)  # an unknown operator -> UserError listing the valid ones
     policy = load_policy(cfg.get("policy"), op_name)
     reports = swap_convs(model, op_name, policy, op.get("kwargs") or {}, image_size=image_size)
+    if verbose and op_name != "conv":
+        n_conv = sum(r.role in ("stem", "depthwise", "pointwise", "dense", "head") for r in reports)
+        n_cls = sum(r.replaced and r.role == "classifier" for r in reports)
+        print(f"[surgery] op={op_name} policy={policy.name}: replaced {sum(r.replaced for r in reports) - n_cls} "
+              f"of {n_conv} convs" + (" + the classifier" if n_cls else ""), flush=True)
 
     if policy.block_routing and op_name != "conv":
         try:

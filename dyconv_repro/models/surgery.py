@@ -78,6 +78,10 @@ def swap_convs(model: nn.Module, op_name: str, policy=None, op_kwargs: Mapping |
     """
     OPS.get(op_name)  # unknown operator -> UserError listing the valid ones
     policy = load_policy(policy, op_name)
+    if op_kwargs is not None and not isinstance(op_kwargs, dict):  # DictConfig -> plain (lists, not ListConfig)
+        from omegaconf import DictConfig, OmegaConf
+
+        op_kwargs = OmegaConf.to_container(op_kwargs, resolve=True) if isinstance(op_kwargs, DictConfig) else dict(op_kwargs)
     reports = infer_layers(model, image_size)
     if op_name == "conv":  # the static baseline: nothing to swap
         return reports
