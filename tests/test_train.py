@@ -147,3 +147,62 @@ def test_torchrun_two_cpu_ranks_agree(tmp_path):
     s = json.loads(summary.read_text())
     assert s["status"] == "finished" and s["world_size"] == 2
     assert len(s["rank_weight_checksums"]) == 2 and len(set(s["rank_weight_checksums"])) == 1
+
+
+def _start_train(tmp_path, *extra):
+    exe = Path(sys.executable).parent / "dyconv-train"
+    args = [str(exe), "trainer.epochs=2", "trainer.checkpoint_every_steps=2", "recipe.batch_size=32",
+            "trainer.max_steps_per_epoch=12", "trainer.progress=false", "run_name=signals",
+            f"output_dir={tmp_path}/runs", *extra]
+    return subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"})
+
+
+def _wait_for_checkpoint(proc, tmp_path, min_step=4, timeout=120.0):
+    """Poll until last.pt holds a mid-run step >= min_step; returns its run dir."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, f"the run ended before it could be signalled:\n{proc.stdout.read()[-3000:]}"
+        for last in (tmp_path / "runs").glob("signals/*/checkpoints/last.pt"):
+            try:
+                step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+            except Exception:  # noqa: BLE001 - the atomic rename may race the glob; poll again
+                continue
+            if step >= min_step:
+                return last.parent.parent
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("no mid-run checkpoint appeared")
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_real_signal_then_resume_auto(tmp_path, sig):
+    """A real SIGTERM writes a checkpoint and exits 143; after SIGKILL the periodic checkpoint survives;
+    either way `trainer.resume=auto` continues from last.pt and finishes all epochs exactly once."""
+    import signal
+
+    proc = _start_train(tmp_path)
+    run_dir = _wait_for_checkpoint(proc, tmp_path)
+    proc.send_signal(getattr(signal, sig))
+    out = proc.communicate(timeout=120)[0]
+    state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    if sig == "SIGTERM":
+        assert proc.returncode == 143, out[-3000:]
+        assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+        assert "checkpoint written" in out
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    stopped_at = state["global_step"]
+    assert 0 < stopped_at < 2 * 12
+
+    resumed = _start_train(tmp_path, "trainer.resume=auto")
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out[-3000:]
+    assert f"step {stopped_at})" in out and f"resumed from {run_dir}" in out, out[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["epochs"] == 2
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]  # no epoch lost or repeated
+    assert [r["step"] for r in records] == [12, 24] and summary["steps"] == 24
