@@ -206,3 +206,22 @@ def test_real_signal_then_resume_auto(tmp_path, sig):
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]  # no epoch lost or repeated
     assert [r["step"] for r in records] == [12, 24] and summary["steps"] == 24
+
+
+def _claim(args):
+    from dyconv_repro.engine.rundir import claim_new_run_dir
+
+    base, run_id = args
+    return str(claim_new_run_dir(Path(base), run_id))
+
+
+def test_concurrent_runs_never_share_a_run_directory(tmp_path):
+    """8 processes claiming at once get 8 directories, also when they computed the same run id."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(4) as pool:
+        fresh = pool.map(_claim, [(tmp_path / "a", None)] * 8)
+        same_id = pool.map(_claim, [(tmp_path / "b", "fixed-id")] * 8)
+    for dirs in (fresh, same_id):
+        assert len(set(dirs)) == 8 and all((Path(d) / "checkpoints").is_dir() for d in dirs)
+    assert sorted(Path(d).name for d in same_id)[0] == "fixed-id"

@@ -29,6 +29,23 @@ def new_run_id() -> str:
     return "-".join(parts)
 
 
+def claim_new_run_dir(base: Path, run_id: str | None = None) -> Path:
+    """Create and return a run directory nobody else has: mkdir without exist_ok is atomic, so two runs
+    that computed the same id (same microsecond and pid on two hosts, or an explicit run_id) never share
+    one; the loser gets a -1, -2, ... suffix."""
+    base.mkdir(parents=True, exist_ok=True)
+    stem = run_id or new_run_id()
+    for i in range(1000):
+        cand = base / (stem if i == 0 else f"{stem}-{i}")
+        try:
+            cand.mkdir()
+        except FileExistsError:
+            continue
+        (cand / "checkpoints").mkdir()
+        return cand
+    raise RuntimeError(f"could not create a fresh run directory under {base} for {stem}")
+
+
 def comparable_config(cfg: DictConfig) -> dict:
     """The config as a plain dict without the keys that legitimately change on resume."""
     c = OmegaConf.to_container(cfg, resolve=True)

@@ -40,7 +40,7 @@ from dyconv_repro.engine.rundir import (
     find_resumable,
     git_commit,
     hardware,
-    new_run_id,
+    claim_new_run_dir,
     write_json_atomic,
 )
 from dyconv_repro.errors import UserError
@@ -164,7 +164,7 @@ class Trainer:
                     raise UserError(f"trainer.resume={resume}: no such checkpoint")
                 run_dir = resume_from.parent.parent
             if run_dir is None:
-                run_dir = base / str(cfg.get("run_id") or new_run_id())
+                run_dir = claim_new_run_dir(base, str(cfg.run_id) if cfg.get("run_id") else None)
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             decision = (str(run_dir), str(resume_from) if resume_from else None)
         decision = broadcast_object(decision, self.info)
