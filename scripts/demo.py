@@ -90,10 +90,13 @@ def main(argv: list[str] | None = None) -> int:
               "Not an ImageNet reproduction.\n")
     lines = ["| op | params | MAdds | deploy params | best top-1 | final top-1 | train img/s | vs static | status | "
              "mechanism |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    def fmt_value(r, key, scale=1.0, fmt="{:.2f}"):
+        v = r.get(key)
+        return fmt.format(v / scale) if isinstance(v, (int, float)) else "—"
+
     for r in rows:
-        def f(key, scale=1.0, fmt="{:.2f}"):
-            v = r.get(key)
-            return fmt.format(v / scale) if isinstance(v, (int, float)) else "—"
+        def f(key, scale=1.0, fmt="{:.2f}", r=r):
+            return fmt_value(r, key, scale, fmt)
         ratio = "—"
         if static and isinstance(r.get("images_per_s"), (int, float)) and static.get("images_per_s"):
             ratio = f"{r['images_per_s'] / static['images_per_s']:.2f}x"

@@ -26,7 +26,12 @@ def deploy(argv: list[str]) -> dict:
     import torch
 
     from dyconv_repro.cli.eval import load_run_config
-    from dyconv_repro.engine.checkpoint import load_checkpoint, load_model_state_strict, model_state_from, save_atomic
+    from dyconv_repro.engine.checkpoint import (
+        load_checkpoint,
+        load_model_state_strict,
+        model_state_from,
+        save_atomic,
+    )
     from dyconv_repro.engine.trainer import resolve_device
     from dyconv_repro.models.build import build_model
     from dyconv_repro.models.deploy import baseline_config, deploy_model

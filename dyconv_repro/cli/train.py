@@ -16,7 +16,7 @@ import sys
 import traceback
 
 import hydra
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from dyconv_repro.config_dir import config_dir
 from dyconv_repro.errors import UserError

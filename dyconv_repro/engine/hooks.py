@@ -132,8 +132,8 @@ class Refocus(Hook):
         # the refocusing convs (and the basis itself when op.kwargs.train_basis: it is then a Parameter)
         refocus_params = {id(p) for _, layer in layers for p in layer.parameters()}
         classifier = _classifier(model)
-        for name, module in model.named_modules():
-            for pname, p in module.named_parameters(recurse=False):
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
                 if id(p) in refocus_params:
                     continue
                 is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)

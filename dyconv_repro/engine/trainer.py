@@ -37,10 +37,10 @@ from dyconv_repro.engine.hooks import Refocus, build_hooks
 from dyconv_repro.engine.loggers import LocalLogger, MultiLogger, WandbLogger
 from dyconv_repro.engine.optim import build_optimizer, build_scheduler, effective_lr
 from dyconv_repro.engine.rundir import (
+    claim_new_run_dir,
     find_resumable,
     git_commit,
     hardware,
-    claim_new_run_dir,
     write_json_atomic,
 )
 from dyconv_repro.errors import UserError
