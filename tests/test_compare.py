@@ -211,3 +211,14 @@ def test_reproduce_failed_row_does_not_stop_the_others(tmp_path, capsys):
 def test_reproduce_bad_table_is_a_user_error(capsys):
     assert reproduce.main(["weightnet", "--table", "t9", "--dry-run"]) == 2
     assert "valid tables: t1, t2, t3" in capsys.readouterr().err
+
+
+def test_published_rounding_is_part_of_the_tolerance():
+    from dyconv_repro.results.expected import matches_published, rounding_half_unit
+
+    assert rounding_half_unit(1.4) == pytest.approx(0.05) and rounding_half_unit(41) == 0.5
+    assert rounding_half_unit(312.9) == pytest.approx(0.05)
+    assert matches_published(1.37, 1.4, 2)        # -2.1 %, but "1.4" covers [1.35, 1.45]
+    assert not matches_published(1.34, 1.4, 2)
+    assert matches_published(42.2, 41, 3) and not matches_published(42.3, 41, 3)  # 3 % wins over +-0.5
+    assert not matches_published(6.43, 5.71, 2)

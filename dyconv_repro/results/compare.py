@@ -19,6 +19,7 @@ import statistics
 from pathlib import Path
 
 from dyconv_repro.results.collect import RunRecord
+from dyconv_repro.results.expected import matches_published
 
 SMOKE_DATA = ("digits", "fake")
 CONVENTION = ("MAdds = multiply-adds at batch 1 including routing/attention and kernel aggregation "
@@ -93,11 +94,11 @@ def compare_row(row: dict, runs: list[RunRecord], smoke_epoch_frac: float = 0.5)
     if same_classes:
         out["params_delta_pct"] = _pct(out["ours_params_m"], row.get("params_m"))
         if out["params_delta_pct"] is not None:
-            checks.append(abs(out["params_delta_pct"]) <= float(tol.get("params_pct", 2)))
+            checks.append(matches_published(out["ours_params_m"], row["params_m"], float(tol.get("params_pct", 2))))
     if same_classes and same_size:
         out["madds_delta_pct"] = _pct(out["ours_madds_m"], row.get("madds_m"))
         if out["madds_delta_pct"] is not None:
-            checks.append(abs(out["madds_delta_pct"]) <= float(tol.get("madds_pct", 3)))
+            checks.append(matches_published(out["ours_madds_m"], row["madds_m"], float(tol.get("madds_pct", 3))))
     out["complexity"] = ("ok" if all(checks) else "off") if checks else "n/c"
     # status
     smoke = any(d in SMOKE_DATA for d in data) or (

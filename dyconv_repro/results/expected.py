@@ -18,6 +18,20 @@ PAPERS = ("condconv", "dynamicconv", "dynet", "weightnet", "mixconv", "structure
 NUMBERS = ("params_m", "madds_m", "top1", "top1_alt", "top1_err")
 
 
+def rounding_half_unit(published: float | int) -> float:
+    """Half a unit of the last digit a paper printed: "1.4" (M params) stands for anything in [1.35, 1.45)."""
+    text = repr(published)
+    if isinstance(published, int) or "." not in text or "e" in text.lower():
+        return 0.5
+    return 0.5 * 10.0 ** -len(text.split(".")[1])
+
+
+def matches_published(ours: float, published: float | int, pct: float) -> bool:
+    """Ours (same unit as `published`) agrees with a published number: within `pct` percent, or within the
+    rounding of the printed value (papers print params as "1.4M": a 2 % band is narrower than that)."""
+    return abs(ours - published) <= max(abs(published) * pct / 100.0, rounding_half_unit(published) + 1e-12)
+
+
 def repo_root() -> Path:
     """The checkout that holds configs/ and results/ (configs/ is shipped inside a wheel)."""
     return Path(config_dir()).resolve().parent
