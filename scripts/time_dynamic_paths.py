@@ -21,8 +21,10 @@ from dyconv_repro.ops import build_op
 LAYERS = {  # name: (C_in, C_out, k, groups, H)
     "pw_exp56": (24, 144, 1, 1, 56), "pw_exp28": (32, 192, 1, 1, 28), "pw_exp14": (96, 576, 1, 1, 14),
     "pw_prj56": (144, 24, 1, 1, 56), "pw_prj28": (192, 32, 1, 1, 28), "pw_prj14": (576, 96, 1, 1, 14),
-    "dense56": (64, 64, 3, 1, 56), "dense28": (128, 128, 3, 1, 28), "dense14": (256, 256, 3, 1, 14),
+    "dense56": (64, 64, 3, 1, 56), "dense28": (128, 128, 3, 1, 28), "dense14": (256, 256, 3, 1, 14), "dense7": (512, 512, 3, 1, 7),
     "dw56": (144, 144, 3, 144, 56), "dw28": (192, 192, 3, 192, 28), "dw14": (576, 576, 3, 576, 14),
+    # CIFAR ResNet-20 (narrow convs on small maps: the per-sample conv is tiny)
+    "cifar32": (16, 16, 3, 1, 32), "cifar16": (32, 32, 3, 1, 16), "cifar8": (64, 64, 3, 1, 8),
 }
 
 

@@ -9,10 +9,21 @@ the regime (measured with scripts/time_dynamic_paths.py on the 2-thread CPU):
                At batch 1 this *is* the plain conv with the aggregated kernel.
 * ``matmul`` : 1x1 kernels with zero padding as a batched matmul (stride = subsampling first);
                keeps channels_last inputs channels_last. 2-5x faster than ``fold`` on CPU.
-* ``loop``   : one plain conv per sample (unbind/cat). The reference for tests, and also the fastest
-               path for k > 1 at batch > 1 once a sample's conv is >= ~1M MACs: the folded grouped
-               conv runs 2-2.6x the static floor on 3x3 dense 256@14^2 and depthwise 144@56^2
-               (fwd+bwd, batch 64, 2 threads), the loop 1.1-2.0x.
+* ``loop``   : one plain conv per sample (unbind/cat). The reference for tests, and the faster path
+               for big per-sample convs: dense/grouped k > 1 with >= 50M MACs per sample, depthwise
+               on maps >= ~40^2. Measured fwd+bwd / static floor (scripts/time_dynamic_paths.py,
+               dynamicconv, 2 threads, batch 32 | 64):
+                 layer               fold          loop
+                 3x3 64@56^2         1.09 | 1.34   1.16 | 1.09
+                 3x3 128@28^2        1.18 | 1.32   1.32 | 1.26
+                 3x3 256@14^2        2.29 | 2.41   2.05 | 1.82
+                 3x3 512@7^2         6.10          4.52
+                 dw3x3 144@56^2      2.21 | 2.27   1.08 | 0.87
+                 dw3x3 192@28^2      1.54 | 2.04   1.72 | 1.07
+                 dw3x3 576@14^2      2.22 | 2.29   2.34 | 2.85
+                 3x3 16@32^2 (CIFAR) 1.31 | 1.30   7.05 | 3.69   <- small convs: per-sample calls are slow
+                 3x3 32@16^2         1.43 | 1.40   6.02 | 2.93
+                 3x3 64@8^2          2.12 | 2.13   4.95 | 3.46
 At batch 1 every path is the plain conv with the aggregated kernel (``fold`` with B = 1).
 """
 
@@ -83,7 +94,8 @@ def _is_channels_last(x: Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
-LOOP_MIN_MACS = 1_000_000  # per-sample conv work above which plain per-sample convs beat the fold
+LOOP_MIN_MACS = 50_000_000  # dense/grouped: per-sample conv work above which per-sample convs beat the fold
+LOOP_MIN_DW_PIXELS = 1600     # depthwise: output map size (~40^2) above which per-sample convs beat the fold
 
 
 def select_path(x: Tensor, weight: Tensor, stride, padding, groups: int) -> str:
@@ -95,6 +107,8 @@ def select_path(x: Tensor, weight: Tensor, stride, padding, groups: int) -> str:
         return "matmul"
     h_out = (x.shape[-2] + 2 * padding[0] - kh) // stride[0] + 1
     w_out = (x.shape[-1] + 2 * padding[1] - kw) // stride[1] + 1
+    if groups > 1 and groups == x.shape[1] and weight.shape[2] == 1:  # depthwise
+        return "loop" if h_out * w_out >= LOOP_MIN_DW_PIXELS else "fold"
     macs = weight[0].numel() * h_out * w_out
     return "loop" if macs >= LOOP_MIN_MACS else "fold"
 
