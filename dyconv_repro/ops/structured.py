@@ -194,6 +194,18 @@ class StructuredConv2d(_Structured, ConvOp):
         return super().extra_repr() + f", hidden={self.hidden_dims}, mode={self.mode!r}"
 
 
+def box_sum_channels(x: torch.Tensor, groups: int, cpg: int, window: int) -> torch.Tensor:
+    """Sliding sums of `window` consecutive channels inside each group, (B, groups*cpg, H, W) ->
+    (B, groups*(cpg-window+1), H, W), as a cumulative sum and one shifted difference: O(C) per pixel.
+    (avg_pool3d with a channel window of ~C/2 costs O(C^2) and made decomposed models 6-20x slower
+    than the dense conv; the cumsum's fp32 rounding stays within a few ulps of the box sum.)"""
+    b, _, h, w = x.shape
+    cs = x.reshape(b, groups, cpg, h, w).cumsum(2)
+    head = cs[:, :, window - 1:]
+    out = head - F.pad(cs[:, :, :cpg - window], (0, 0, 0, 0, 1, 0))
+    return out.reshape(b, -1, h, w)
+
+
 class SumPool(nn.Module):
     """Stride-1 3-D sum-pooling over (channels within a group, H, W) after zero-padding H, W.
 
@@ -211,14 +223,8 @@ class SumPool(nn.Module):
         if ph or pw:
             x = F.pad(x, (pw, pw, ph, ph))
         wc, wh, ww = self.window
-        if wc > 1:  # channel box inside each group: fold the groups into the batch
-            b, _, h, w = x.shape
-            x = x.reshape(b * self.groups, 1, self.cpg, h, w)
-            if self.dilation == (1, 1):
-                x = F.avg_pool3d(x, self.window, stride=1) * (wc * wh * ww)
-            else:
-                x = F.conv3d(x, x.new_ones(1, 1, wc, wh, ww), dilation=(1, *self.dilation))
-            return x.reshape(b, -1, x.shape[-2], x.shape[-1])
+        if wc > 1:  # channel box first (it shrinks the tensor the spatial box then reads)
+            x = box_sum_channels(x, self.groups, self.cpg, wc)
         if wh * ww > 1:
             if self.dilation == (1, 1):
                 return F.avg_pool2d(x, (wh, ww), stride=1) * (wh * ww)
