@@ -1,7 +1,7 @@
 """Time the dynamic ops' conv paths against the static floor (the evidence behind shared.select_path).
 
     .venv/bin/python scripts/time_dynamic_paths.py [--batch 64] [--reps 3] [--ops dynamicconv,condconv]
-        [--paths auto,fold] [--layers pw,dw,dense] [--forward-only] [--threads 2] [--clock wall|cpu]
+        [--paths auto,fold,loop,stream] [--layers pw,dw,dense,cifar] [--forward-only] [--threads 2] [--clock wall|cpu]
 
 Floor = the faster of nn.Conv2d in NCHW and channels_last; each op is timed with both input formats.
 Backward uses a dense random output gradient (as in training). Timings interleave the candidates and keep the minimum of `reps` (the CPU is shared, noise is one-sided).

@@ -94,6 +94,82 @@ def test_fast_paths_equal_reference(name):
                 torch.testing.assert_close(gp[n], gp_ref[n], atol=1e-4, rtol=1e-4, msg=lambda m, n=n, w=where: f"{w} {n}: {m}")
 
 
+@pytest.mark.parametrize("name", ("condconv", "dynamicconv", "weightnet"))
+def test_streamed_path_equals_reference(name, monkeypatch):
+    """The streamed path (kernels regenerated chunk-wise into scratch, hand-written mix gradients) ==
+    per-sample loop: outputs and gradients, in both chunk modes (grouped fold / one conv per sample),
+    with batches split into several chunks, NCHW and channels_last; and its no-grad forward."""
+    import dyconv_repro.ops.shared as shared
+
+    for loop_mode in (False, True):
+        # tiny chunks (several per batch); loop_mode sends every chunk down the per-sample branch
+        monkeypatch.setattr(shared, "STREAM_CHUNK_ELEMS", 700)
+        monkeypatch.setattr(shared, "LOOP_MIN_MACS", 0 if loop_mode else 10**12)
+        monkeypatch.setattr(shared, "LOOP_MIN_DW_PIXELS", 0 if loop_mode else 10**12)
+        for cin, cout, k, s, g, b in _regimes():
+            op = build_op(name, cin, cout, k, stride=s, groups=g, bias=True)
+            x = torch.randn(b, cin, 7, 7)
+            y_ref, gx_ref, gp_ref = _grads(op, x, op.reference_forward)
+            op.path = "stream"
+            for cl in (False, True):
+                xx = x.to(memory_format=torch.channels_last) if cl else x
+                y, gx, gp = _grads(op, xx, op)
+                where = (cin, cout, k, s, g, b, cl, loop_mode)
+                torch.testing.assert_close(y, y_ref, atol=ATOL, rtol=1e-4, msg=lambda m, w=where: f"{w}: {m}")
+                torch.testing.assert_close(gx, gx_ref, atol=ATOL, rtol=1e-4)
+                assert gp.keys() == gp_ref.keys()
+                for n in gp:
+                    torch.testing.assert_close(gp[n], gp_ref[n], atol=1e-4, rtol=1e-4,
+                                               msg=lambda m, n=n, w=where: f"{w} {n}: {m}")
+                with torch.no_grad():
+                    torch.testing.assert_close(op(xx), y_ref, atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", DYNAMIC)
+def test_auto_path_regimes_equal_reference(name, monkeypatch):
+    """What `auto` picks per regime (batch-1 scratch kernel, no-grad streaming, training streaming of
+    big dense kernels) == reference; the scratch buffer is reused across calls without stale results."""
+    import dyconv_repro.ops.shared as shared
+
+    op = build_op(name, 8, 6, 3, bias=True).eval()
+    if name == "dynet":
+        op.fused = True
+    for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode):  # scratch made in one, used in the next
+        with mode():
+            for b in (1, 3):
+                for _ in range(2):  # second call reuses the scratch kernel: must not see the first call's kernel
+                    x = torch.randn(b, 8, 6, 6)
+                    torch.testing.assert_close(op(x), op.reference_forward(x), atol=ATOL, rtol=1e-4)
+    monkeypatch.setattr(shared, "LOOP_MIN_KERNEL", 1)  # the training regime of big dense kernels
+    op.train()
+    x = torch.randn(3, 8, 6, 6)
+    y_ref, gx_ref, gp_ref = _grads(op, x, op.reference_forward)
+    y, gx, gp = _grads(op, x, op)
+    torch.testing.assert_close(y, y_ref, atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(gx, gx_ref, atol=ATOL, rtol=1e-4)
+    for n in gp:
+        torch.testing.assert_close(gp[n], gp_ref[n], atol=1e-4, rtol=1e-4)
+    assert (op._streams(x) if name != "dynet" else True)
+    if name == "dynet":
+        op.path = "stream"
+        with pytest.raises(ValueError):
+            op(x)
+
+
+def test_mlp_head_functional_forward_equals_modules_and_keeps_hooks():
+    from dyconv_repro.ops.shared import mlp_head
+
+    head = mlp_head(8, 4, 2)
+    z = torch.randn(3, 8)
+    want = head[2](head[1](head[0](z)))
+    torch.testing.assert_close(head(z), want)
+    assert [k for k, _ in head.state_dict().items()] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    seen = []
+    head[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    torch.testing.assert_close(head(z), want)
+    assert seen == [(3, 2)]  # a hooked child runs as a module
+
+
 def test_dynamic_conv2d_matmul_keeps_channels_last_and_rejects_bad_geometry():
     x = torch.randn(2, 4, 5, 5).to(memory_format=torch.channels_last)
     w = torch.randn(2, 3, 4, 1, 1)

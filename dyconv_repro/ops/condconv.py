@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from dyconv_repro.errors import UserError
 from dyconv_repro.ops.registry import OPS
 from dyconv_repro.ops.routing import SharedHead
-from dyconv_repro.ops.shared import DynamicConvOp, aggregate, gap, init_conv_bank_
+from dyconv_repro.ops.shared import BankMix, DynamicConvOp, aggregate, gap, init_conv_bank_
 
 ROUTINGS = ("sigmoid", "softmax")
 
@@ -76,6 +76,10 @@ class CondConv2d(DynamicConvOp):
     def kernel(self, x: Tensor):
         r = self.routing_weights(x)
         return aggregate(r, self.weight), None if self.bias is None else aggregate(r, self.bias)
+
+    def kernel_factors(self, x: Tensor):
+        r = self.routing_weights(x)
+        return r, self.weight, None if self.bias is None else aggregate(r, self.bias), BankMix
 
     def load_static_weight(self, weight: Tensor, bias: Tensor | None = None) -> None:
         """Copy a static conv's kernel (and bias) into every expert."""

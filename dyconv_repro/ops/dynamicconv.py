@@ -14,7 +14,7 @@ from dyconv_repro.errors import UserError
 from dyconv_repro.ops.condconv import _copy_static
 from dyconv_repro.ops.registry import OPS
 from dyconv_repro.ops.routing import SharedHead
-from dyconv_repro.ops.shared import DynamicConvOp, aggregate, gap, init_conv_bank_, mlp_head
+from dyconv_repro.ops.shared import BankMix, DynamicConvOp, aggregate, gap, init_conv_bank_, mlp_head
 
 
 def attention_hidden(in_features: int, reduction: int) -> int:
@@ -58,6 +58,10 @@ class DynamicConv2d(DynamicConvOp):
     def kernel(self, x: Tensor):
         pi = self.attention_weights(x)
         return aggregate(pi, self.weight), None if self.bias is None else aggregate(pi, self.bias)
+
+    def kernel_factors(self, x: Tensor):
+        pi = self.attention_weights(x)
+        return pi, self.weight, None if self.bias is None else aggregate(pi, self.bias), BankMix
 
     def load_static_weight(self, weight: Tensor, bias: Tensor | None = None) -> None:
         """Copy a static conv's kernel (and bias) into every one of the K kernels."""

@@ -24,20 +24,38 @@ the regime (measured with scripts/time_dynamic_paths.py on the 2-thread CPU):
                  3x3 16@32^2 (CIFAR) 1.31 | 1.30   7.05 | 3.69   <- small convs: per-sample calls are slow
                  3x3 32@16^2         1.43 | 1.40   6.02 | 2.93
                  3x3 64@8^2          2.12 | 2.13   4.95 | 3.46
-At batch 1 every path is the plain conv with the aggregated kernel (``fold`` with B = 1).
+* ``stream`` : ops whose kernel is a linear mix of parameters (`kernel_factors`: CondConv, DY-Conv,
+               WeightNet) regenerate the per-sample kernels chunk by chunk into a reused per-thread
+               scratch buffer, in forward and again in backward (hand-written mix gradients; the chunk
+               runs as fold or loop by the rules above; dense weight gradients of the loop chunks as one
+               im2col bmm). Autograd keeps only x and the coefficients. Why: on this CPU (a VM where a
+               page fault costs ~2.6 us) every fresh multi-MB kernel tensor comes back as new pages --
+               ResNet-18 layer4 at batch 32 is 300 MB of kernels a layer, ~300k faults a step -- and a
+               fresh kernel made a batch-1 512@7^2 conv 4.6x slower (17 ms vs 3.7 ms). Auto picks it
+               (CPU fp32, no autocast) whenever no gradient is needed, and in training for dense k > 1
+               kernels of >= 2^18 entries a sample. fwd+bwd / floor, dynamicconv, batch 32, 1 thread:
+                 layer          loop   stream      (weightnet: loop  stream)
+                 3x3 256@14^2   1.59   1.25                    1.90  1.44
+                 3x3 512@7^2    3.60   2.14                    4.72  2.51
+               On small kernels it does not pay (CIFAR 3x3 16@32^2: fold 1.15, stream 1.71): there the
+               grouped conv's own buffers, not the kernel, fault.
+At batch 1 without gradients (inference) every op runs the plain conv with the aggregated kernel written
+into scratch (`DynamicConvOp._forward_one`), with the routing MLP as functional calls (`MLPHead`).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from dyconv_repro.ops.base import ConvOp
 
-PATHS = ("auto", "fold", "matmul", "loop")
+PATHS = ("auto", "fold", "matmul", "loop", "stream")
 
 
 class _GlobalAvgPool(torch.autograd.Function):
@@ -72,12 +90,26 @@ def aggregate(coeff: Tensor, bank: Tensor) -> Tensor:
     return torch.mm(coeff, bank.reshape(k, -1)).reshape(coeff.shape[0], *bank.shape[1:])
 
 
+class MLPHead(nn.Sequential):
+    """Linear -> ReLU -> Linear (an nn.Sequential: same state_dict keys) that runs its three children
+    as functional calls: at batch 1 the routing is a handful of microsecond ops and three nested module
+    calls were a third of it. Children with hooks (or swapped for other types) run the normal way."""
+
+    def forward(self, z: Tensor) -> Tensor:
+        fc1, act, fc2 = self._modules.values()
+        if (type(fc1) is nn.Linear and type(act) is nn.ReLU and type(fc2) is nn.Linear and not (
+                fc1._forward_hooks or fc1._forward_pre_hooks or fc2._forward_hooks or fc2._forward_pre_hooks
+                or act._forward_hooks or act._forward_pre_hooks)):
+            return F.linear(torch.relu(F.linear(z, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
+        return super().forward(z)
+
+
 def mlp_head(in_features: int, out_features: int, hidden: int | None = None, bias: bool = True) -> nn.Module:
     """Routing head on pooled features: Linear, or Linear -> ReLU -> Linear when `hidden` is given."""
     if not hidden:
         return nn.Linear(in_features, out_features, bias=bias)
-    return nn.Sequential(nn.Linear(in_features, hidden, bias=bias), nn.ReLU(inplace=True),
-                         nn.Linear(hidden, out_features, bias=bias))
+    return MLPHead(nn.Linear(in_features, hidden, bias=bias), nn.ReLU(inplace=True),
+                   nn.Linear(hidden, out_features, bias=bias))
 
 
 def init_conv_bank_(bank: Tensor, bias_bank: Tensor | None = None) -> None:
@@ -94,6 +126,7 @@ def _is_channels_last(x: Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
+LOOP_MIN_KERNEL = 1 << 18  # training: per-sample kernel entries from which the streamed path pays off
 LOOP_MIN_MACS = 50_000_000  # dense/grouped: per-sample conv work above which per-sample convs beat the fold
 LOOP_MIN_DW_PIXELS = 1600     # depthwise: output map size (~40^2) above which per-sample convs beat the fold
 
@@ -183,7 +216,157 @@ def dynamic_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, paddi
         return fold_conv2d(x, weight, bias, stride, padding, dilation, groups)
     if path == "loop":
         return loop_conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if path == "stream":
+        raise ValueError("the stream path generates the kernels itself: it needs an op with kernel_factors()")
     raise ValueError(f"unknown dynamic conv path {path!r}; valid: {', '.join(PATHS)}")
+
+
+# ----------------------------------------------------------------------------- streamed kernels
+# The per-sample kernels of a big layer (ResNet-18 layer4: 2.4M entries a sample, 300 MB at batch 32)
+# cost more than the conv itself on CPU: autograd keeps them for backward, and every fresh block above
+# glibc's mmap threshold comes back as new pages (~2.6 us a page fault on this VM). The streamed path
+# never materializes them: the kernel is a *linear* mix of parameters (`BankMix`, `RowMix`), so it is
+# regenerated chunk by chunk into a reused per-thread scratch buffer, in forward and again in backward,
+# where the mix's own gradients are written out by hand. Autograd saves only x and the coefficients.
+
+STREAM_CHUNK_ELEMS = 1 << 23  # kernel entries generated at once (32 MB fp32 scratch, two buffers)
+_SCRATCH = threading.local()
+
+
+def _scratch(name, numel: int, like: Tensor) -> Tensor:
+    """A reused flat buffer of `numel` elements (per thread, device and dtype); contents undefined.
+
+    A tuple `name` is a kernel shape: a (1, prod(shape)) buffer of exactly that size (batch-1 path).
+    """
+    try:
+        store = _SCRATCH.buffers
+    except AttributeError:
+        store = _SCRATCH.buffers = {}
+    # inference tensors cannot be written outside inference mode: keep one set per mode
+    key = (name, like.dtype, like.device.type, torch.is_inference_mode_enabled())
+    buf = store.get(key)
+    if isinstance(name, tuple):
+        if buf is None:
+            buf = store[key] = torch.empty(1, math.prod(name), dtype=like.dtype, device=like.device)
+        return buf
+    if buf is None or buf.numel() < numel:
+        buf = store[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buf[:numel]
+
+
+class BankMix:
+    """W = coeff @ bank: coeff (B, K), bank (K, *kernel shape) -- CondConv / DY-Conv."""
+
+    @staticmethod
+    def make(coeff: Tensor, param: Tensor, out: Tensor) -> Tensor:
+        return torch.mm(coeff, param.reshape(param.shape[0], -1), out=out)
+
+    @staticmethod
+    def backward(coeff: Tensor, param: Tensor, gw: Tensor, gparam: Tensor) -> Tensor:
+        """Accumulate d(param) into `gparam` (flat (K, n)); return d(coeff)."""
+        flat = param.reshape(param.shape[0], -1)
+        gparam.addmm_(coeff.t(), gw)
+        return torch.mm(gw, flat.t())
+
+
+class RowMix:
+    """W[b, r, e] = sum_m coeff[b, r, m] * param[r, e, m] -- WeightNet's grouped fc2."""
+
+    @staticmethod
+    def make(coeff: Tensor, param: Tensor, out: Tensor) -> Tensor:
+        b, (r, e, m) = coeff.shape[0], param.shape
+        if m == 1:
+            return torch.mul(coeff, param.reshape(r, e), out=out.view(b, r, e)).view(b, -1)
+        return out.copy_(torch.einsum("brm,rem->bre", coeff, param).reshape(b, -1))
+
+    @staticmethod
+    def backward(coeff: Tensor, param: Tensor, gw: Tensor, gparam: Tensor) -> Tensor:
+        b, (r, e, _) = coeff.shape[0], param.shape
+        gw = gw.view(b, r, e)
+        gparam.add_(torch.einsum("bre,brm->rem", gw, coeff).reshape(gparam.shape))
+        return torch.einsum("bre,rem->brm", gw, param)
+
+
+class _StreamedConv(torch.autograd.Function):
+    """Per-sample conv whose kernels `mix.make(coeff, param)` are regenerated chunk-wise, never stored."""
+
+    @staticmethod
+    def forward(ctx, x, coeff, param, bias, mix, wshape, geometry):
+        ctx.save_for_backward(x, coeff, param)
+        ctx.mix, ctx.wshape, ctx.geometry, ctx.has_bias = mix, wshape, geometry, bias is not None
+        return streamed_forward(x, coeff, param, bias, mix, wshape, geometry, grad=True)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        x, coeff, param = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.geometry
+        mix, wshape = ctx.mix, ctx.wshape
+        b, n = x.shape[0], math.prod(wshape)
+        chunk = max(1, min(b, STREAM_CHUNK_ELEMS // n))
+        gy = gy.contiguous()
+        need_x = ctx.needs_input_grad[0]
+        gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
+        gcoeff = torch.empty_like(coeff)
+        gparam = torch.zeros(param.shape[0], param.numel() // param.shape[0], dtype=param.dtype, device=param.device)
+        geo = (stride, padding, dilation, False, (0, 0), groups)
+        for s in range(0, b, chunk):
+            c = min(chunk, b - s)
+            w = mix.make(coeff[s:s + c], param, _scratch("w", c * n, x).view(c, n)).view(c, *wshape)
+            gw = _scratch("gw", c * n, x).view(c, *wshape)
+            xs, gys = x[s:s + c], gy[s:s + c]
+            if _chunk_path(xs, w, stride, padding, groups) == "fold":  # the chunk as one grouped conv
+                gxf, gwf, _ = torch.ops.aten.convolution_backward(
+                    gys.reshape(1, -1, *gys.shape[2:]), xs.reshape(1, -1, *xs.shape[2:]), w.reshape(-1, *wshape[1:]),
+                    None, stride, padding, dilation, False, (0, 0), c * groups, (need_x, True, False))
+                if need_x:
+                    gx[s:s + c] = gxf.view_as(xs)
+                gw.view(-1).copy_(gwf.reshape(-1))
+            else:  # one conv per sample; dense weight gradients as one batched matmul over im2col columns
+                if groups == 1:
+                    cols = F.unfold(xs, wshape[-2:], dilation, padding, stride)
+                    torch.bmm(gys.reshape(c, wshape[0], -1), cols.transpose(1, 2), out=gw.view(c, wshape[0], -1))
+                for i in range(c):
+                    gxi, gwi, _ = torch.ops.aten.convolution_backward(
+                        gys[i:i + 1], xs[i:i + 1], w[i], None, *geo, (need_x, groups != 1, False))
+                    if need_x:
+                        gx[s + i].copy_(gxi[0])
+                    if groups != 1:
+                        gw[i].copy_(gwi)
+            gcoeff[s:s + c] = mix.backward(coeff[s:s + c], param, gw.view(c, n), gparam)
+        gbias = gy.sum((2, 3)) if ctx.has_bias else None
+        return gx, gcoeff, gparam.view_as(param), gbias, None, None, None
+
+
+def _chunk_path(x: Tensor, weight: Tensor, stride, padding, groups: int) -> str:
+    """fold or loop for one chunk of the streamed path (1x1 kernels run as the fold's grouped conv)."""
+    return "loop" if select_path(x, weight, stride, padding, groups) == "loop" else "fold"
+
+
+def streamed_forward(x: Tensor, coeff: Tensor, param: Tensor, bias: Tensor | None, mix, wshape, geometry,
+                     path: str = "auto", grad: bool = False) -> Tensor:
+    """Per-sample conv with the kernels generated chunk-wise into scratch (no autograd through them)."""
+    b, n = x.shape[0], math.prod(wshape)
+    chunk = max(1, min(b, STREAM_CHUNK_ELEMS // n))
+    outs = []
+    with torch.no_grad():
+        for s in range(0, b, chunk):
+            c = min(chunk, b - s)
+            w = mix.make(coeff[s:s + c], param, _scratch("w", c * n, x).view(c, n)).view(c, *wshape)
+            xs = x[s:s + c]
+            p = path if path != "auto" else (_chunk_path(xs, w, *geometry[:2], geometry[3]) if grad else "auto")
+            outs.append(dynamic_conv2d(xs, w, None if bias is None else bias[s:s + c], *geometry, p))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+
+
+def streamed_conv2d(x: Tensor, coeff: Tensor, param: Tensor, bias: Tensor | None, mix, wshape, stride, padding,
+                    dilation, groups: int) -> Tensor:
+    """Per-sample conv with kernels W[i] = mix.make(coeff[i], param), differentiable, never materialized."""
+    geometry = (tuple(stride), tuple(padding), tuple(dilation), int(groups))
+    if torch.is_grad_enabled() and (x.requires_grad or coeff.requires_grad or param.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return _StreamedConv.apply(x, coeff, param, bias, mix, tuple(wshape), geometry)
+    return streamed_forward(x, coeff, param, bias, mix, tuple(wshape), geometry)
 
 
 class DynamicConvOp(ConvOp):
@@ -215,9 +398,57 @@ class DynamicConvOp(ConvOp):
     def kernel(self, x: Tensor) -> tuple[Tensor, Tensor | None]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def kernel_factors(self, x: Tensor):
+        """(coeff, param, bias, mix): the same kernels as `kernel(x)`, as W = mix.make(coeff, param)
+        (see `BankMix`, `RowMix`); None where the op's kernel is not such a mix (no streamed path)."""
+        return None
+
+    @property
+    def kernel_shape(self) -> tuple[int, int, int, int]:
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    def _streams(self, x: Tensor) -> bool:
+        """Auto choice of the streamed path: CPU fp32 only; always when no gradient is needed (the kernel
+        goes to scratch instead of a fresh allocation), in training only for big dense k > 1 kernels."""
+        if (x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or x.dtype != torch.float32
+                or torch.compiler.is_compiling()):
+            return False
+        if type(self).kernel_factors is DynamicConvOp.kernel_factors:
+            return False
+        if not torch.is_grad_enabled() or x.shape[0] == 1 and not self.training:
+            return not torch.is_grad_enabled()
+        co, ci, kh, kw = self.kernel_shape
+        return self.groups == 1 and kh * kw > 1 and co * ci * kh * kw >= LOOP_MIN_KERNEL and x.shape[0] > 1
+
+    def _forward_one(self, x: Tensor) -> Tensor:
+        """Batch-1 inference: the plain conv with the aggregated kernel, written into scratch (a fresh
+        kernel each call made the allocator hand back new pages, 3-4x the conv's time on big layers)."""
+        factors = self.kernel_factors(x)
+        if factors is None:
+            weight, bias = self.kernel(x)
+            weight, bias = weight[0], None if bias is None else bias[0]
+        else:
+            coeff, param, bias, mix = factors
+            shape = self.kernel_shape
+            weight = mix.make(coeff, param, _scratch(shape, 0, x)).view(shape)
+            bias = None if bias is None else bias[0]
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
     def forward(self, x: Tensor) -> Tensor:
+        path = self.path
+        if (not torch.is_grad_enabled() and x.is_cpu and x.shape[0] == 1 and path in ("auto", "fold")
+                and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+                and not torch.compiler.is_compiling()):
+            return self._forward_one(x)
+        if path == "stream" or (path == "auto" and self._streams(x)):
+            factors = self.kernel_factors(x)
+            if factors is None:
+                raise ValueError(f"{type(self).__name__} has no streamed path (no kernel_factors)")
+            coeff, param, bias, mix = factors
+            return streamed_conv2d(x, coeff, param, bias, mix, self.kernel_shape, self.stride, self.padding,
+                                   self.dilation, self.groups)
         weight, bias = self.kernel(x)
-        return dynamic_conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups, self.path)
+        return dynamic_conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups, path)
 
     def reference_forward(self, x: Tensor) -> Tensor:
         """Slow reference: the same per-sample kernels applied one sample at a time."""

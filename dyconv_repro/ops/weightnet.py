@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from dyconv_repro.errors import UserError
 from dyconv_repro.ops.registry import OPS
 from dyconv_repro.ops.routing import SharedHead
-from dyconv_repro.ops.shared import DynamicConvOp, gap
+from dyconv_repro.ops.shared import DynamicConvOp, RowMix, gap
 
 
 def default_gap_channels(in_channels: int) -> int:
@@ -65,10 +65,18 @@ class WeightNetConv2d(DynamicConvOp):
     def x_gap(self, x: Tensor) -> Tensor:
         return self.block_input() if self.block_routed else self.reduce(gap(x))
 
-    def kernel(self, x: Tensor):
+    def coefficients(self, x: Tensor) -> Tensor:
+        """a = sigmoid(fc1(x_gap)) as (B, rows, M/G): row r of fc2 mixes its M/G columns with a[:, r]."""
         a = torch.sigmoid(self.fc1(self.x_gap(x)))
-        rows, entries, m = self.fc2.shape
-        a = a.reshape(a.shape[0], rows, m)
+        return a.reshape(a.shape[0], self.fc2.shape[0], self.fc2.shape[2])
+
+    def kernel_factors(self, x: Tensor):
+        a = self.coefficients(x)
+        return a, self.fc2, None if self.bias is None else self.bias.expand(a.shape[0], -1), RowMix
+
+    def kernel(self, x: Tensor):
+        a = self.coefficients(x)
+        m = a.shape[-1]
         if m == 1:
             w = a * self.fc2.squeeze(-1)  # (B, rows, 1) * (rows, entries)
         else:
