@@ -62,7 +62,10 @@ def test_conv_parity_grid(variant):
         assert all(p.grad is not None for p in op.parameters()), f"{tag}: a parameter got no gradient"
         if variant == "structured-par":  # the decomposition must reproduce every geometry exactly
             with torch.no_grad():
-                torch.testing.assert_close(op.decompose()(x0), op(x0), atol=1e-5, rtol=1e-4, msg=tag)
+                for xin in (x0, x0.to(memory_format=torch.channels_last)):
+                    for always in (False, True):  # the pool + small conv form and the rule's choice
+                        torch.testing.assert_close(op.decompose(always=always)(xin), op(x0), atol=1e-5,
+                                                   rtol=1e-4, msg=f"{tag} always={always}")
         if variant == "mixconv" and g > 1:  # split and fused implementations agree
             with torch.no_grad():
                 op.impl = "split"
@@ -166,7 +169,9 @@ def test_structured_from_alpha_is_exact(geom):
     x = torch.randn(2, geom["cin"], 10, 10)
     with torch.no_grad():
         y = op(x)
-        dec = op.decompose()
+        assert len(op.decompose()) == 1  # these small layers keep the dense conv (the pool would not pay)
+        torch.testing.assert_close(op.decompose()(x), y, atol=1e-4, rtol=1e-4)
+        dec = op.decompose(always=True)
         assert dec[1].weight.shape == (geom["cout"], geom["c"], geom["n"], geom["n"])
         torch.testing.assert_close(dec(x), y, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(op.reparameterize()(x), y, atol=1e-4, rtol=1e-4)
@@ -190,7 +195,7 @@ def test_structured_random_kernel_loss_and_descent():
     # regularize-mode deployment projects: deploy == decompose, and == training output up to the residual
     x = torch.randn(2, 8, 7, 7)
     with torch.no_grad():
-        torch.testing.assert_close(op.decompose()(x), op.reparameterize()(x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(op.decompose(always=True)(x), op.reparameterize()(x), atol=1e-4, rtol=1e-4)
 
 
 def test_structured_parameterize_and_linear():
@@ -203,7 +208,7 @@ def test_structured_parameterize_and_linear():
     lin = StructuredLinear(10, 3, c=4, mode="parameterize")
     x = torch.randn(5, 10)
     with torch.no_grad():
-        torch.testing.assert_close(lin.decompose()(x), lin(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(lin.decompose(always=True)(x), lin(x), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(lin.reparameterize()(x), lin(x))
     lin_r = StructuredLinear(10, 3)
     assert lin_r.regularization_loss().item() > 0.1 and set(lin_r.state_dict()) == {"weight", "bias"}

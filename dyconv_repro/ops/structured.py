@@ -16,6 +16,15 @@ Two training modes:
   `regularization_loss()` = ||(I - A A^+) W||_F / ||W||_F pulls it towards the structured subspace,
   and deployment uses alpha = A^+ W (so the deployed layer differs from the trained one by exactly
   the residual that the loss measures).
+
+Speed of the decomposed form (CPU): the sum-pool only adds, but it is memory-bound (about 1-2 ns per
+element on this machine) while the dense conv runs at GEMM speed (about 0.03 ns per MAdd), so it pays
+only where each pooled element saves enough multiplications. `decompose()` therefore keeps the
+equivalent plain conv (as a one-stage nn.Sequential) when the MAdds saved per element read by the
+sum-pool are below DECOMPOSE_MIN_GAIN (measured, see `decompose_gain`); `decompose(always=True)` always
+returns SumPool + small conv. The sum-pool itself is a channel box sum by cumulative sum + shifted
+difference (or a running window over channels for large NCHW maps) and a spatial box sum by
+separable shifted adds (NCHW) or avg_pool2d(divisor_override=1) / a depthwise ones-conv (channels_last).
 """
 
 from __future__ import annotations
@@ -32,6 +41,19 @@ from dyconv_repro.ops.base import ConvOp
 from dyconv_repro.ops.registry import OPS
 
 MODES = ("regularize", "parameterize")
+# Decompose a layer only when (dense MAdds - decomposed MAdds) / (elements the sum-pool reads) reaches this.
+# Measured per layer (1 thread, torch 2.14.1, batch 1 and 32, NCHW and channels_last; resnet20 and
+# mobilenet_v2 shapes): gains <= 80 lost (1.1-3x slower: 16->16 3x3 @32^2, projections 576->160,
+# 960->160, expansions 16->96, 24->144), gains ~100 tied (32->192), gains >= 150 won (0.5-0.95x:
+# 32->32 and 64->64 3x3, 64->384, 96->576, 160->960, 960->320). Depthwise layers gain <= 5: never.
+DECOMPOSE_MIN_GAIN = 100.0
+# NCHW channel box sum: a running window over channels (2 vectorized ops per output channel) beats
+# torch.cumsum (a scalar scan) once each channel slab (batch * H * W) is this large.
+_LOOP_MIN_SLAB = 32768
+# channels_last spatial box sum: avg_pool2d up to this many elements, a depthwise ones-conv above
+# (measured: the pool kernel wins on small maps, oneDNN's depthwise conv on large ones; for NCHW
+# separable shifted adds beat both, 2-10x, at every size tried).
+_POOL_MAX_NUMEL = 16384
 
 
 def box_basis(size: int, hidden: int) -> torch.Tensor:
@@ -169,16 +191,28 @@ class StructuredConv2d(_Structured, ConvOp):
             conv.bias.copy_(self.bias)
         return conv
 
-    @torch.no_grad()
-    def decompose(self) -> nn.Sequential:
-        """SumPool3d (window (C-c+1) x (N-n+1)^2, stride 1) + C_out x c x n x n conv, equal to the conv.
+    def decompose_gain(self) -> float:
+        """MAdds the decomposition saves per element its sum-pool reads (inf when there is no pool)."""
+        cg, kh, kw = self.full_dims
+        hc, nh, nw = self.hidden_dims
+        saved = self.out_channels * (cg * kh * kw - hc * nh * nw) / (self.stride[0] * self.stride[1])
+        pooled = (self.in_channels if cg > hc else 0) + (self.groups * hc if kh * kw > nh * nw else 0)
+        return math.inf if pooled == 0 else saved / pooled
 
-        Padding: the original conv's zero padding p is applied to the INPUT of the sum-pool (a box sum
-        over zero-padded input); the small conv then uses padding 0. Padding the pooled map instead would
-        be wrong at the border, and avg_pool's own padding is limited to half the window. Stride s and
-        dilation d go to the small conv; the sum-pool runs at stride 1 with the same dilation d (its
-        box is made of the dilated kernel taps).
+    @torch.no_grad()
+    def decompose(self, always: bool = False) -> nn.Sequential:
+        """SumPool (window (C-c+1) x (N-n+1)^2, stride 1) + C_out x c x n x n conv, equal to the conv.
+
+        Where the sum-pool cannot pay for itself (`decompose_gain() < DECOMPOSE_MIN_GAIN`, e.g. depthwise,
+        small or projecting layers) and not `always`, returns nn.Sequential(the equivalent plain conv).
+
+        Padding: the original conv's zero padding p is applied to the INPUT of the spatial box sum (a box
+        sum over zero-padded input); the small conv then uses padding 0. Padding the pooled map instead
+        would be wrong at the border. Stride s and dilation d go to the small conv; the sum-pool runs at
+        stride 1 with the same dilation d (its box is made of the dilated kernel taps).
         """
+        if not always and self.decompose_gain() < DECOMPOSE_MIN_GAIN:
+            return nn.Sequential(self.reparameterize())
         alpha = self.hidden_kernel()
         cg, kh, kw = self.full_dims
         hc, nh, nw = self.hidden_dims
@@ -188,7 +222,7 @@ class StructuredConv2d(_Structured, ConvOp):
         conv.weight.copy_(alpha)
         if self.bias is not None:
             conv.bias.copy_(self.bias)
-        return nn.Sequential(pool, conv)
+        return nn.Sequential(pool.to(device=alpha.device, dtype=alpha.dtype), conv)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", hidden={self.hidden_dims}, mode={self.mode!r}"
@@ -206,10 +240,51 @@ def box_sum_channels(x: torch.Tensor, groups: int, cpg: int, window: int) -> tor
     return out.reshape(b, -1, h, w)
 
 
+def channel_box_sum(x: torch.Tensor, window: int, dim: int = 1) -> torch.Tensor:
+    """Stride-1 box sum of `window` consecutive entries along `dim` (size C -> C - window + 1).
+
+    Cumulative sum + shifted difference: one scan and one subtraction, whatever the window (a pooling
+    kernel would cost window additions per output). In fp32 the difference of prefix sums adds an error
+    of ~eps * |prefix|, far inside fp32 test tolerances for the channel counts of real layers.
+    """
+    n = x.shape[dim] - window + 1
+    s = x.cumsum(dim)
+    out = s.narrow(dim, window - 1, n).clone()
+    if n > 1:
+        out.narrow(dim, 1, n - 1).sub_(s.narrow(dim, 0, n - 1))
+    return out
+
+
+def _channel_box_running(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Same as channel_box_sum(x, window, 1) for NCHW-contiguous x, as a running window: out[j] =
+    out[j-1] + x[j+window-1] - x[j-1], each step a vectorized op over a (batch, H, W) slab."""
+    n = x.shape[1] - window + 1
+    out = x.new_empty(x.shape[0], n, *x.shape[2:])
+    out[:, 0] = x[:, :window].sum(1)
+    for j in range(1, n):
+        o = out[:, j]
+        torch.add(out[:, j - 1], x[:, j + window - 1], out=o)
+        o.sub_(x[:, j - 1])
+    return out
+
+
+def _box_sum_shifted(x: torch.Tensor, dim: int, window: int, dilation: int) -> torch.Tensor:
+    """Stride-1 box sum of `window` taps `dilation` apart along `dim`, as window - 1 shifted adds."""
+    if window == 1:
+        return x
+    n = x.shape[dim] - dilation * (window - 1)
+    y = x.narrow(dim, 0, n) + x.narrow(dim, dilation, n)
+    for i in range(2, window):
+        y += x.narrow(dim, i * dilation, n)
+    return y
+
+
 class SumPool(nn.Module):
     """Stride-1 3-D sum-pooling over (channels within a group, H, W) after zero-padding H, W.
 
-    Input (B, groups*C, H, W) -> (B, groups*c, H', W') with c = C - window[0] + 1.
+    Input (B, groups*C, H, W) -> (B, groups*c, H', W') with c = C - window[0] + 1. Done separably: the
+    channel box sum first (it commutes with the zero padding and shrinks C to c), then the spatial box
+    sum on the c channels, zero padding included.
     """
 
     def __init__(self, channels_per_group: int, groups: int, window, padding=(0, 0), dilation=(1, 1)):
@@ -217,20 +292,40 @@ class SumPool(nn.Module):
         self.cpg, self.groups = int(channels_per_group), int(groups)
         self.window = tuple(int(w) for w in window)
         self.padding, self.dilation = _pair(padding), _pair(dilation)
+        wc, wh, ww = self.window
+        if not 1 <= wc <= self.cpg:
+            raise UserError(f"SumPool: channel window {wc} must be in 1..{self.cpg}")
+        channels = self.groups * (self.cpg - wc + 1)
+        # depthwise ones kernel for the channels_last spatial box sum on large maps
+        self.register_buffer("ones", torch.ones(channels, 1, wh, ww), persistent=False)
+
+    def _channel_box(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        wc = self.window[0]
+        if self.groups > 1:  # the channel box never crosses a group: fold the groups into the batch
+            x = x.reshape(b * self.groups, self.cpg, h, w)
+        if x.is_contiguous() and x.shape[0] * h * w >= _LOOP_MIN_SLAB:
+            y = _channel_box_running(x, wc)
+        else:
+            y = channel_box_sum(x, wc, 1)
+        return y.reshape(b, -1, h, w) if self.groups > 1 else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wc, wh, ww = self.window
         ph, pw = self.padding
+        if wc > 1:
+            x = self._channel_box(x)
+        if wh * ww == 1:
+            return F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            if self.dilation == (1, 1) and 2 * ph <= wh and 2 * pw <= ww and x.numel() <= _POOL_MAX_NUMEL:
+                # small channels_last maps: the vectorized pooling kernel (divisor 1 = a sum, zero padding)
+                return F.avg_pool2d(x, (wh, ww), 1, (ph, pw), count_include_pad=True, divisor_override=1)
+            return F.conv2d(x, self.ones.to(x.dtype), None, 1, (ph, pw), self.dilation, x.shape[1])
+        # NCHW: separable shifted adds over the zero-padded map (no conv/pool setup cost, any dilation)
         if ph or pw:
             x = F.pad(x, (pw, pw, ph, ph))
-        wc, wh, ww = self.window
-        if wc > 1:  # channel box first (it shrinks the tensor the spatial box then reads)
-            x = box_sum_channels(x, self.groups, self.cpg, wc)
-        if wh * ww > 1:
-            if self.dilation == (1, 1):
-                return F.avg_pool2d(x, (wh, ww), stride=1) * (wh * ww)
-            c = x.shape[1]
-            return F.conv2d(x, x.new_ones(c, 1, wh, ww), dilation=self.dilation, groups=c)
-        return x
+        return _box_sum_shifted(_box_sum_shifted(x, -1, ww, self.dilation[1]), -2, wh, self.dilation[0])
 
     def extra_repr(self) -> str:
         return (f"channels_per_group={self.cpg}, groups={self.groups}, window={self.window}, "
@@ -260,8 +355,17 @@ class StructuredLinear(_Structured):
             lin.bias.copy_(self.bias)
         return lin
 
+    def decompose_gain(self) -> float:
+        """MAdds the decomposition saves per feature its sum-pool reads (inf when there is no pool)."""
+        saved = self.out_features * (self.in_features - self.hidden_dims[0])
+        return math.inf if saved == 0 else saved / self.in_features
+
     @torch.no_grad()
-    def decompose(self) -> nn.Sequential:
+    def decompose(self, always: bool = False) -> nn.Sequential:
+        """SumPool1d (window in-c+1) + nn.Linear(c, out); nn.Sequential(the plain nn.Linear) where the
+        pool cannot pay for itself (`decompose_gain() < DECOMPOSE_MIN_GAIN`) and not `always`."""
+        if not always and self.decompose_gain() < DECOMPOSE_MIN_GAIN:
+            return nn.Sequential(self.reparameterize())
         alpha = self.hidden_kernel()
         lin = nn.Linear(self.hidden_dims[0], self.out_features, bias=self.bias is not None,
                         device=alpha.device, dtype=alpha.dtype)
@@ -283,7 +387,7 @@ class SumPool1d(nn.Module):
         self.window = int(window)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unfold(-1, self.window, 1).sum(-1) if self.window > 1 else x
+        return channel_box_sum(x, self.window, -1) if self.window > 1 else x
 
     def extra_repr(self) -> str:
         return f"window={self.window}"
