@@ -92,3 +92,13 @@ def test_numbers_equal_tables_yaml(paper, docs):
         assert r["source"] == ", ".join(srcs), r["id"]
     if paper not in ("structured", "refconv"):  # those papers' tables were not found
         assert checked > 0
+
+
+@pytest.mark.parametrize("paper", PAPERS)
+def test_a_widened_tolerance_is_explained_in_the_notes(paper, docs):
+    """params 2 % / MAdds 3 % unless the row's notes give the evidence and name the wider tolerance."""
+    for r in docs[paper]["rows"]:
+        for key, default in (("params_pct", 2), ("madds_pct", 3)):
+            pct = (r.get("tolerance") or {}).get(key, default)
+            if pct > default:
+                assert f"{key} {pct:g}" in (r.get("notes") or ""), f"{r['id']}: {key}={pct} without a note naming it"
