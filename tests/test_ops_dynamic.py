@@ -184,14 +184,18 @@ def test_dynamic_conv2d_matmul_keeps_channels_last_and_rejects_bad_geometry():
 
 @pytest.mark.parametrize("name", DYNAMIC)
 def test_sample_alone_equals_in_batch(name):
-    for k, g in ((1, "dense"), (3, "dense"), (3, "depthwise")):
+    """Eval mode: batch 1 (scratch kernel; 1x1 as a matmul) == the same sample inside a batch, for NCHW and
+    channels_last inputs, stride 1 and 2."""
+    for k, g, s in ((1, "dense", 1), (1, "dense", 2), (3, "dense", 1), (3, "depthwise", 2)):
         cin, cout, groups = _channels(g)
-        op = build_op(name, cin, cout, k, groups=groups, bias=True).eval()
-        x = torch.randn(4, cin, 6, 6)
+        op = build_op(name, cin, cout, k, stride=s, groups=groups, bias=True).eval()
+        x = torch.randn(4, cin, 7, 7)
         with torch.no_grad():
             y = op(x)
-            for i in range(4):
-                torch.testing.assert_close(op(x[i:i + 1]), y[i:i + 1], atol=ATOL, rtol=1e-4)
+            for xin in (x, x.to(memory_format=torch.channels_last)):
+                for i in range(4):
+                    torch.testing.assert_close(op(xin[i:i + 1]), y[i:i + 1], atol=ATOL, rtol=1e-4,
+                                               msg=lambda m, w=(k, g, s, i): f"{w}: {m}")
 
 
 # ----------------------------------------------------------------------------- explicit formulas

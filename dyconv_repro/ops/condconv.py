@@ -15,7 +15,16 @@ from torch import Tensor, nn
 from dyconv_repro.errors import UserError
 from dyconv_repro.ops.registry import OPS
 from dyconv_repro.ops.routing import SharedHead
-from dyconv_repro.ops.shared import BankMix, DynamicConvOp, aggregate, gap, init_conv_bank_
+from dyconv_repro.ops.shared import (
+    BankMix,
+    DynamicConvOp,
+    affine_one,
+    aggregate,
+    gap,
+    init_conv_bank_,
+    plain,
+    spatial_sum,
+)
 
 ROUTINGS = ("sigmoid", "softmax")
 
@@ -80,6 +89,16 @@ class CondConv2d(DynamicConvOp):
     def kernel_factors(self, x: Tensor):
         r = self.routing_weights(x)
         return r, self.weight, None if self.bias is None else aggregate(r, self.bias), BankMix
+
+    def inference_factors(self, x: Tensor):
+        """Batch-1 inference: the router as one addmm on the spatial sum (1/HW as its alpha)."""
+        if self.block_routed or not plain(self.router, nn.Linear):
+            return self.kernel_factors(x)
+        params = self._parameters
+        pooled, inv_hw = spatial_sum(x)
+        r = _activate(affine_one(pooled, self.router, alpha=inv_hw), self.routing)
+        bias = params.get("bias")
+        return r, params["weight"], None if bias is None else torch.mm(r, bias), BankMix
 
     def load_static_weight(self, weight: Tensor, bias: Tensor | None = None) -> None:
         """Copy a static conv's kernel (and bias) into every expert."""

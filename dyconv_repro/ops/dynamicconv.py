@@ -14,7 +14,16 @@ from dyconv_repro.errors import UserError
 from dyconv_repro.ops.condconv import _copy_static
 from dyconv_repro.ops.registry import OPS
 from dyconv_repro.ops.routing import SharedHead
-from dyconv_repro.ops.shared import BankMix, DynamicConvOp, aggregate, gap, init_conv_bank_, mlp_head
+from dyconv_repro.ops.shared import (
+    BankMix,
+    DynamicConvOp,
+    MLPHead,
+    aggregate,
+    gap,
+    init_conv_bank_,
+    mlp_head,
+    spatial_sum,
+)
 
 
 def attention_hidden(in_features: int, reduction: int) -> int:
@@ -62,6 +71,16 @@ class DynamicConv2d(DynamicConvOp):
     def kernel_factors(self, x: Tensor):
         pi = self.attention_weights(x)
         return pi, self.weight, None if self.bias is None else aggregate(pi, self.bias), BankMix
+
+    def inference_factors(self, x: Tensor):
+        """Batch-1 inference: softmax(attention(sum / HW) / tau) with 1/HW and 1/tau inside the addmms."""
+        if self.block_routed or type(self.attention) is not MLPHead:
+            return self.kernel_factors(x)
+        params = self._parameters
+        pooled, inv_hw = spatial_sum(x)
+        pi = torch.softmax(self.attention.forward_one(pooled, inv_hw, 1.0 / self._buffers["temperature"].item()), 1)
+        bias = params.get("bias")
+        return pi, params["weight"], None if bias is None else torch.mm(pi, bias), BankMix
 
     def load_static_weight(self, weight: Tensor, bias: Tensor | None = None) -> None:
         """Copy a static conv's kernel (and bias) into every one of the K kernels."""

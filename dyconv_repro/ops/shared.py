@@ -40,7 +40,13 @@ the regime (measured with scripts/time_dynamic_paths.py on the 2-thread CPU):
                On small kernels it does not pay (CIFAR 3x3 16@32^2: fold 1.15, stream 1.71): there the
                grouped conv's own buffers, not the kernel, fault.
 At batch 1 without gradients (inference) every op runs the plain conv with the aggregated kernel written
-into scratch (`DynamicConvOp._forward_one`), with the routing MLP as functional calls (`MLPHead`).
+into scratch (`DynamicConvOp._forward_one`); the routing runs as a few addmm calls on the spatial sum with
+GAP's 1/(H*W) and DY-Conv's 1/tau folded into their alpha/beta (`inference_factors`, `MLPHead.forward_one`):
+batch-1 latency is per-call overhead (3-12 us a dispatcher call, ~4 us an nn.Module parameter lookup here).
+PW_B1: 1x1 layers run as a matmul at batch 1 too; oneDNN's 1x1 conv is slower there (us, 2 threads):
+                 layer             F.conv2d   mm        layer             F.conv2d   mm
+                 16->96 @112^2       4891   1015        192->64 @14^2        220     90
+                 144->32 @28^2        267    133        576->160 @7^2        312    167
 """
 
 from __future__ import annotations
@@ -97,11 +103,39 @@ class MLPHead(nn.Sequential):
 
     def forward(self, z: Tensor) -> Tensor:
         fc1, act, fc2 = self._modules.values()
-        if (type(fc1) is nn.Linear and type(act) is nn.ReLU and type(fc2) is nn.Linear and not (
-                fc1._forward_hooks or fc1._forward_pre_hooks or fc2._forward_hooks or fc2._forward_pre_hooks
-                or act._forward_hooks or act._forward_pre_hooks)):
+        if plain(fc1, nn.Linear) and plain(act, nn.ReLU) and plain(fc2, nn.Linear):
             return F.linear(torch.relu(F.linear(z, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
         return super().forward(z)
+
+    def forward_one(self, z: Tensor, in_scale: float, out_scale: float = 1.0) -> Tensor:
+        """out_scale * self(in_scale * z) for inference, as two addmm calls (scales folded into them)."""
+        fc1, act, fc2 = self._modules.values()
+        if plain(fc1, nn.Linear) and plain(act, nn.ReLU) and plain(fc2, nn.Linear):
+            hidden = affine_one(z, fc1, alpha=in_scale).relu_()
+            return affine_one(hidden, fc2, alpha=out_scale, beta=out_scale)
+        return self(z * in_scale) * out_scale
+
+
+def affine_one(z: Tensor, linear: nn.Linear, alpha: float = 1.0, beta: float = 1.0) -> Tensor:
+    """alpha * (z @ W^T) + beta * b as one addmm: the batch-1 routing folds GAP's 1/(H*W) and DY-Conv's
+    1/tau into alpha/beta instead of spending a dispatcher call (3-12 us on a 2-core VM) on each. Reads the
+    parameters from `_parameters` (nn.Module.__getattr__ costs ~4 us a lookup there)."""
+    params = linear._parameters
+    weight, bias = params["weight"], params.get("bias")
+    if bias is None:
+        return torch.mm(z, weight.t()).mul_(alpha)
+    return torch.addmm(bias, z, weight.t(), beta=beta, alpha=alpha)
+
+
+def plain(module: nn.Module, *types) -> bool:
+    """`module` is exactly one of `types` and has no forward hooks (so a functional call may replace it)."""
+    return type(module) in types and not (module._forward_hooks or module._forward_pre_hooks)
+
+
+def spatial_sum(x: Tensor) -> tuple[Tensor, float]:
+    """(x summed over H, W as (B, C), 1 / (H*W)): GAP with the division left to the next addmm."""
+    h, w = x.shape[-2:]
+    return x.sum((2, 3)), 1.0 / (h * w)
 
 
 def mlp_head(in_features: int, out_features: int, hidden: int | None = None, bias: bool = True) -> nn.Module:
@@ -134,10 +168,10 @@ LOOP_MIN_DW_PIXELS = 1600     # depthwise: output map size (~40^2) above which p
 def select_path(x: Tensor, weight: Tensor, stride, padding, groups: int) -> str:
     """The fast path for this regime (see module docstring for the measurements behind it)."""
     b, kh, kw = x.shape[0], *weight.shape[-2:]
+    if kh == kw == 1 and tuple(padding) == (0, 0) and groups == 1:
+        return "matmul"  # also at batch 1: mm beats oneDNN's 1x1 conv there (PW_B1 in the module docstring)
     if b == 1:
         return "fold"  # = the plain conv with the aggregated kernel
-    if kh == kw == 1 and tuple(padding) == (0, 0) and groups == 1:
-        return "matmul"
     h_out = (x.shape[-2] + 2 * padding[0] - kh) // stride[0] + 1
     w_out = (x.shape[-1] + 2 * padding[1] - kw) // stride[1] + 1
     if groups > 1 and groups == x.shape[1] and weight.shape[2] == 1:  # depthwise
@@ -382,6 +416,8 @@ class DynamicConvOp(ConvOp):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._slot = None
+        # 1x1, no padding, one group: the per-sample conv is a (batched) matmul at every batch size
+        self.pointwise = self.kernel_size == (1, 1) and self.padding == (0, 0) and self.groups == 1
 
     @property
     def block_routed(self) -> bool:
@@ -420,10 +456,15 @@ class DynamicConvOp(ConvOp):
         co, ci, kh, kw = self.kernel_shape
         return self.groups == 1 and kh * kw > 1 and co * ci * kh * kw >= LOOP_MIN_KERNEL and x.shape[0] > 1
 
+    def inference_factors(self, x: Tensor):
+        """`kernel_factors(x)` for batch-1 inference; ops override it with a leaner routing (same math,
+        fewer calls: batch-1 latency is dominated by per-call overhead, not arithmetic)."""
+        return self.kernel_factors(x)
+
     def _forward_one(self, x: Tensor) -> Tensor:
         """Batch-1 inference: the plain conv with the aggregated kernel, written into scratch (a fresh
         kernel each call made the allocator hand back new pages, 3-4x the conv's time on big layers)."""
-        factors = self.kernel_factors(x)
+        factors = self.inference_factors(x)
         if factors is None:
             weight, bias = self.kernel(x)
             weight, bias = weight[0], None if bias is None else bias[0]
@@ -432,6 +473,8 @@ class DynamicConvOp(ConvOp):
             shape = self.kernel_shape
             weight = mix.make(coeff, param, _scratch(shape, 0, x)).view(shape)
             bias = None if bias is None else bias[0]
+        if self.pointwise:
+            return matmul_conv1x1(x, weight.unsqueeze(0), None if bias is None else bias.unsqueeze(0), self.stride)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x: Tensor) -> Tensor:
