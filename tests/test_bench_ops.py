@@ -35,3 +35,14 @@ def test_bench_cli_errors():
     assert e.value.code == 2
     with pytest.raises(UserError):
         bench_ops.candidates(["nope"])
+
+
+def test_ops_page_names_command_hardware_and_holds_the_summary(tmp_path, monkeypatch):
+    from dyconv_repro.cli.bench import write_ops_page
+
+    monkeypatch.setattr("sys.argv", ["dyconv-bench", "ops", "--threads", "2"])
+    page = tmp_path / "ops.md"
+    write_ops_page(str(page), "fwd b1: median 1.10x\n")
+    text = page.read_text()
+    assert "dyconv-bench ops --threads 2" in text and "torch " in text and "hardware:" in text
+    assert "fwd b1: median 1.10x" in text

@@ -170,6 +170,15 @@ def render_page(results: dict[str, list[dict]], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def matrix_section(page: str, page_path: Path) -> str:
+    """README's copy of the page's papers x rows matrix (the first table), with a pointer to the full page."""
+    lines = page.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| paper |"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    command = next(line for line in lines if line.startswith("Command: "))
+    return "\n".join([*lines[start:end], "", f"{command.split(' (')[0]}; every row: `{page_path.as_posix()}`."])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dyconv-complexity", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -177,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper", default=None, help="count every row of results/expected/<paper>.yaml ('all': every paper)")
     p.add_argument("--write", nargs="?", const="results/tables/paper_rows.md", default=None, metavar="PATH",
                    help="with --paper: also write the markdown page (default results/tables/paper_rows.md)")
+    p.add_argument("--readme", action="store_true",
+                   help="with --paper all --write: also refresh README's papers x rows matrix")
     p.add_argument("--layers", action="store_true", help="print the per-layer surgery table")
     p.add_argument("--image-size", type=int, default=None, help="input resolution (default: data.image_size)")
     return p
@@ -192,8 +203,13 @@ def main(argv: list[str] | None = None) -> None:
             command = "dyconv-complexity " + " ".join(argv if argv is not None else sys.argv[1:])
             path = Path(args.write)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(render_page(results, command))
+            page = render_page(results, command)
+            path.write_text(page)
             print(f"wrote {path}")
+            if args.readme:
+                from dyconv_repro.results.readme import update_section
+
+                print(f"updated {update_section('paper_matrix', matrix_section(page, path))}")
         raise SystemExit(0)
     overrides = list(args.overrides) + ([f"data.image_size={args.image_size}"] if args.image_size else [])
     cfg = compose(overrides)
