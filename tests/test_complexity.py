@@ -132,3 +132,17 @@ def test_expected_params_and_madds_one_row_per_paper(row_id):
 def test_expected_params_and_madds(row):
     """The published params/MAdds of every experiment row, within the row's tolerance (results/expected)."""
     _check_row(row)
+
+
+def test_counts_a_trainable_basis_and_leaves_requires_grad_alone():
+    """RefConv with a jointly trained basis (an ablation row): counting used to fail in FlopCounterMode."""
+    if "refconv" not in OPS:
+        pytest.skip("refconv does not exist yet")
+    from dyconv_repro.models import swap_convs
+
+    model = BACKBONES.get("resnet20")({}, 10, 32)
+    swap_convs(model, "refconv", "refconv", {"basis": "random", "train_basis": True})
+    flags = [p.requires_grad for p in model.parameters()]
+    rep = complexity_report(model, 32)
+    assert rep["madds"] > rep["deploy_madds"] > 0
+    assert [p.requires_grad for p in model.parameters()] == flags

@@ -28,12 +28,20 @@ def count_madds(model: nn.Module, image_size: int, in_chans: int = 3) -> int:
     x = torch.zeros(1, in_chans, int(image_size), int(image_size),
                     device=p.device if p is not None else None,
                     dtype=p.dtype if p is not None and p.is_floating_point() else None)
+    # FlopCounterMode's module tracker hooks every tensor that requires grad; under no_grad a view of a
+    # trainable parameter (RefConv's jointly trained basis, reshaped) requires grad with no grad_fn, which
+    # the tracker rejects. Counting needs no gradients: switch them off for the pass and restore them.
+    grads = [(q, q.requires_grad) for q in model.parameters()]
     try:
         model.eval()
+        for q, _ in grads:
+            q.requires_grad_(False)
         with FlopCounterMode(display=False) as counter:
             model(x)
     finally:
         model.train(was_training)
+        for q, flag in grads:
+            q.requires_grad_(flag)
     return int(counter.get_total_flops()) // 2
 
 
