@@ -2,13 +2,14 @@
 """`make demo`: the static baseline and every operator on the same CIFAR ResNet-20 and recipe,
 trained on the offline digits data, then one comparison table (SMOKE SCALE: digits, 32 px, CPU).
 
-    python scripts/demo.py [--epochs 6] [--readme] [--ops conv,dynamicconv,...] [--out results/tables/demo.md]
+    python scripts/demo.py [--epochs 5] [--readme] [--ops conv,dynamicconv,...] [--out results/tables/demo.md]
 
 Every run is an ordinary `dyconv-train` run under runs/demo/<op>/; the table is built from their
 summary.json files, so the numbers it prints are the ones those runs produced.
 
 Same backbone, data, recipe and epochs for every row; on top of it each operator gets its paper's
 mechanism where it has one (MECHANICS below): DY-Conv anneals tau 30 -> 1 over the first epoch,
+CondConv trains at lr 0.02 (its 8-expert sigmoid mix does not converge at the common lr 0.1 here),
 Structured Convolutions add the structural-regularization loss, RefConv refocuses the static row's
 trained weights (its frozen bases) instead of training from scratch, and MixConv replaces the dense
 3x3 convs (ResNet-20 has no depthwise conv for its paper placement).
@@ -44,6 +45,9 @@ MECHANICS = {
                    "structural reg. lambda=8; deploy = the equivalent dense conv"),
     "refconv": (["model.init_from={conv_ckpt}", "+recipe.refocus={freeze_bn: false}"],
                 "refocus of the conv row's best.pt (frozen bases)"),
+    # measured on this demo's setting (4 epochs, val top-1): lr 0.4 -> 19 %, lr 0.1 -> 21 % (53 % with a static
+    # classifier; 87 % with num_experts=1), lr 0.02 -> 96.9 %
+    "condconv": (["recipe.lr=0.02"], "lr 0.02 (at the common lr 0.1 it does not converge in this schedule)"),
     "mixconv": (["policy.roles=[dense]"], "dense 3x3 convs -> 3/5/7 kernel groups (block-diagonal, as timm MixedConv2d)"),
 }
 
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from dyconv_repro.ops import OPS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--ops", default=",".join(["conv"] + [n for n in OPS.names() if n != "conv"]))
     p.add_argument("--output-dir", default="runs")
     p.add_argument("--out", default=str(REPO / "results" / "tables" / "demo.md"))

@@ -335,10 +335,11 @@ def test_dynet_mode_switch_and_no_fake_reparameterize(monkeypatch):
     x = torch.randn(2, 4, 5, 5)
     calls = []
     monkeypatch.setattr(op, "training_forward", lambda x: calls.append("train") or op.fused_forward(x))
-    op.eval()
-    op(x)
-    assert calls == []  # eval mode runs the fused (inference) form
-    op.train()
+    for mode in (op.eval, op.train):
+        mode()
+        op(x)
+    assert calls == []  # auto (None) runs the fused form in eval and in training (the faster one)
+    op.fused = False  # the paper's training form, on request
     op(x)
     assert calls == ["train"]
     op.fused = True

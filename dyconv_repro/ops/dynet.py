@@ -8,8 +8,10 @@ eta = sigmoid(FC(ReLU(FC(GAP(x))))) (one FC when reduction=0). Two exact forms:
 * fused form (inference): aggregate the kernels per sample, then one per-sample-kernel conv.
 
 They are equal (tests). The op is input-dependent, so there is no `reparameterize()` to a static
-conv; `fused=None` (default) runs the training form in train mode and the fused form in eval mode,
-True/False forces one. Biases (if any) are per base and mixed with the same eta.
+conv. `fused=None` (default) and True run the fused form in training too: it does g_t times fewer conv
+MACs and keeps per-sample kernels instead of g_t times the feature maps (CIFAR ResNet-20, batch 32,
+2 threads: 25 img/s fused vs 7.5 img/s training form); `fused=False` runs the paper's training form.
+Biases (if any) are per base and mixed with the same eta.
 """
 
 from __future__ import annotations
@@ -80,8 +82,7 @@ class DyNetConv2d(DynamicConvOp):
         return dynamic_conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups, self.path)
 
     def forward(self, x: Tensor) -> Tensor:
-        fused = (not self.training) if self.fused is None else self.fused
-        return self.fused_forward(x) if fused else self.training_forward(x)
+        return self.training_forward(x) if self.fused is False else self.fused_forward(x)
 
     @classmethod
     def block_head(cls, in_features: int, ops: list) -> nn.Module:
