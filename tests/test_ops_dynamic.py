@@ -72,6 +72,16 @@ def _grads(op, x, fn):
     return y.detach(), x.grad, {n: p.grad.clone() for n, p in op.named_parameters() if p.grad is not None}
 
 
+def _assert_same(got, want, where):
+    """Output, input gradient and every parameter gradient of `got` == `want` (fp32 tolerance)."""
+    (y, gx, gp), (y_ref, gx_ref, gp_ref) = got, want
+    torch.testing.assert_close(y, y_ref, atol=ATOL, rtol=1e-4, msg=lambda m: f"{where}: {m}")
+    torch.testing.assert_close(gx, gx_ref, atol=ATOL, rtol=1e-4, msg=lambda m: f"{where} grad x: {m}")
+    assert gp.keys() == gp_ref.keys(), where
+    for n in gp:
+        torch.testing.assert_close(gp[n], gp_ref[n], atol=1e-4, rtol=1e-4, msg=lambda m, n=n: f"{where} {n}: {m}")
+
+
 @pytest.mark.parametrize("name", DYNAMIC)
 def test_fast_paths_equal_reference(name):
     """Every path (auto/fold/matmul), NCHW and channels_last, == per-sample loop: outputs and gradients."""
@@ -85,13 +95,7 @@ def test_fast_paths_equal_reference(name):
         for path, cl in itertools.product(paths, (False, True)):
             op.path = path
             xx = x.to(memory_format=torch.channels_last) if cl else x
-            y, gx, gp = _grads(op, xx, op)
-            where = (cin, cout, k, s, g, b, path, cl)
-            torch.testing.assert_close(y, y_ref, atol=ATOL, rtol=1e-4, msg=lambda m, w=where: f"{w}: {m}")
-            torch.testing.assert_close(gx, gx_ref, atol=ATOL, rtol=1e-4)
-            assert gp.keys() == gp_ref.keys()
-            for n in gp:
-                torch.testing.assert_close(gp[n], gp_ref[n], atol=1e-4, rtol=1e-4, msg=lambda m, n=n, w=where: f"{w} {n}: {m}")
+            _assert_same(_grads(op, xx, op), (y_ref, gx_ref, gp_ref), (cin, cout, k, s, g, b, path, cl))
 
 
 @pytest.mark.parametrize("name", ("condconv", "dynamicconv", "weightnet"))
@@ -113,14 +117,7 @@ def test_streamed_path_equals_reference(name, monkeypatch):
             op.path = "stream"
             for cl in (False, True):
                 xx = x.to(memory_format=torch.channels_last) if cl else x
-                y, gx, gp = _grads(op, xx, op)
-                where = (cin, cout, k, s, g, b, cl, loop_mode)
-                torch.testing.assert_close(y, y_ref, atol=ATOL, rtol=1e-4, msg=lambda m, w=where: f"{w}: {m}")
-                torch.testing.assert_close(gx, gx_ref, atol=ATOL, rtol=1e-4)
-                assert gp.keys() == gp_ref.keys()
-                for n in gp:
-                    torch.testing.assert_close(gp[n], gp_ref[n], atol=1e-4, rtol=1e-4,
-                                               msg=lambda m, n=n, w=where: f"{w} {n}: {m}")
+                _assert_same(_grads(op, xx, op), (y_ref, gx_ref, gp_ref), (cin, cout, k, s, g, b, cl, loop_mode))
                 with torch.no_grad():
                     torch.testing.assert_close(op(xx), y_ref, atol=ATOL, rtol=1e-4)
 
