@@ -20,6 +20,7 @@ from dyconv_repro.ops.shared import (
     DynamicConvOp,
     affine_one,
     aggregate,
+    bank_factors,
     gap,
     init_conv_bank_,
     plain,
@@ -94,11 +95,9 @@ class CondConv2d(DynamicConvOp):
         """Batch-1 inference: the router as one addmm on the spatial sum (1/HW as its alpha)."""
         if self.block_routed or not plain(self.router, nn.Linear):
             return self.kernel_factors(x)
-        params = self._parameters
         pooled, inv_hw = spatial_sum(x)
         r = _activate(affine_one(pooled, self.router, alpha=inv_hw), self.routing)
-        bias = params.get("bias")
-        return r, params["weight"], None if bias is None else torch.mm(r, bias), BankMix
+        return bank_factors(self, r)
 
     def load_static_weight(self, weight: Tensor, bias: Tensor | None = None) -> None:
         """Copy a static conv's kernel (and bias) into every expert."""

@@ -19,6 +19,7 @@ from dyconv_repro.ops.shared import (
     DynamicConvOp,
     MLPHead,
     aggregate,
+    bank_factors,
     gap,
     init_conv_bank_,
     mlp_head,
@@ -76,11 +77,9 @@ class DynamicConv2d(DynamicConvOp):
         """Batch-1 inference: softmax(attention(sum / HW) / tau) with 1/HW and 1/tau inside the addmms."""
         if self.block_routed or type(self.attention) is not MLPHead:
             return self.kernel_factors(x)
-        params = self._parameters
         pooled, inv_hw = spatial_sum(x)
         pi = torch.softmax(self.attention.forward_one(pooled, inv_hw, 1.0 / self._buffers["temperature"].item()), 1)
-        bias = params.get("bias")
-        return pi, params["weight"], None if bias is None else torch.mm(pi, bias), BankMix
+        return bank_factors(self, pi)
 
     def load_static_weight(self, weight: Tensor, bias: Tensor | None = None) -> None:
         """Copy a static conv's kernel (and bias) into every one of the K kernels."""

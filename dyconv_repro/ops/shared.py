@@ -132,6 +132,13 @@ def plain(module: nn.Module, *types) -> bool:
     return type(module) in types and not (module._forward_hooks or module._forward_pre_hooks)
 
 
+def bank_factors(op: nn.Module, coeff: Tensor):
+    """(coeff, bank, mixed bias, BankMix) for an op whose `weight` / `bias` are banks of K kernels / biases."""
+    params = op._parameters
+    bias = params.get("bias")
+    return coeff, params["weight"], None if bias is None else torch.mm(coeff, bias), BankMix
+
+
 def spatial_sum(x: Tensor) -> tuple[Tensor, float]:
     """(x summed over H, W as (B, C), 1 / (H*W)): GAP with the division left to the next addmm."""
     h, w = x.shape[-2:]
@@ -165,13 +172,19 @@ LOOP_MIN_MACS = 50_000_000  # dense/grouped: per-sample conv work above which pe
 LOOP_MIN_DW_PIXELS = 1600     # depthwise: output map size (~40^2) above which per-sample convs beat the fold
 
 
+def is_pointwise(kernel_size, padding, groups: int) -> bool:
+    """1x1, no padding, one group: the per-sample conv is a (batched) matmul at every batch size."""
+    return tuple(kernel_size) == (1, 1) and tuple(padding) == (0, 0) and groups == 1
+
+
 def select_path(x: Tensor, weight: Tensor, stride, padding, groups: int) -> str:
     """The fast path for this regime (see module docstring for the measurements behind it)."""
-    b, kh, kw = x.shape[0], *weight.shape[-2:]
-    if kh == kw == 1 and tuple(padding) == (0, 0) and groups == 1:
+    b = x.shape[0]
+    if is_pointwise(weight.shape[-2:], padding, groups):
         return "matmul"  # also at batch 1: mm beats oneDNN's 1x1 conv there (PW_B1 in the module docstring)
     if b == 1:
         return "fold"  # = the plain conv with the aggregated kernel
+    kh, kw = weight.shape[-2:]
     h_out = (x.shape[-2] + 2 * padding[0] - kh) // stride[0] + 1
     w_out = (x.shape[-1] + 2 * padding[1] - kw) // stride[1] + 1
     if groups > 1 and groups == x.shape[1] and weight.shape[2] == 1:  # depthwise
@@ -416,8 +429,7 @@ class DynamicConvOp(ConvOp):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._slot = None
-        # 1x1, no padding, one group: the per-sample conv is a (batched) matmul at every batch size
-        self.pointwise = self.kernel_size == (1, 1) and self.padding == (0, 0) and self.groups == 1
+        self.pointwise = is_pointwise(self.kernel_size, self.padding, self.groups)
 
     @property
     def block_routed(self) -> bool:
