@@ -195,6 +195,59 @@ def test_sample_alone_equals_in_batch(name):
                                                msg=lambda m, w=(k, g, s, i): f"{w}: {m}")
 
 
+@pytest.mark.parametrize("name", ["condconv", "dynamicconv", "weightnet"])
+def test_batch_one_path_follows_every_parameter_change(name):
+    """The batch-1 path caches views of the bank and the scratch kernel, and DY-Conv's 1/tau: its output must
+    follow in-place updates (an optimizer step), replaced storage (.data =), load_state_dict, set_temperature,
+    inference_mode vs no_grad and deepcopy -- always equal to the per-sample reference."""
+    import copy
+
+    op = build_op(name, 6, 6, 3, bias=True).eval()
+    x = torch.randn(1, 6, 5, 5)
+
+    def check(m=op):
+        with torch.no_grad():
+            torch.testing.assert_close(m(x), m.reference_forward(x), atol=ATOL, rtol=1e-4)
+
+    check()
+    with torch.no_grad():
+        for p in op.parameters():
+            p.mul_(1.5)
+    check()
+    for p in op.parameters():
+        p.data = p.data * 0.5 + 0.01
+    check()
+    op.load_state_dict(build_op(name, 6, 6, 3, bias=True).state_dict())
+    check()
+    if name == "dynamicconv":
+        with torch.no_grad():
+            op.attention[-1].weight.mul_(50)  # logits large enough for tau to matter
+        before = op(x).detach()
+        op.set_temperature(2.0)
+        check()
+        assert not torch.allclose(op(x), before)
+    with torch.inference_mode():
+        torch.testing.assert_close(op(x), op.reference_forward(x), atol=ATOL, rtol=1e-4)
+    check()
+    twin = copy.deepcopy(op)
+    assert "_one_views" not in twin.__dict__ and "_tau_cache" not in twin.__dict__
+    with torch.no_grad():
+        twin.weight.mul_(-1) if name != "weightnet" else twin.fc2.mul_(-1)
+    check(twin)
+    check()
+
+
+@pytest.mark.parametrize("kwargs", [dict(name="weightnet", M=4, G=2), dict(name="dynet")])
+def test_batch_one_generic_path_equals_reference(kwargs):
+    """Ops without a specialized batch-1 routing (WeightNet with M/G > 1, DyNet) take the generic scratch path."""
+    kwargs = dict(kwargs)
+    op = build_op(kwargs.pop("name"), 6, 6, 3, bias=True, **kwargs).eval()
+    assert op.kernel_one(torch.randn(1, 6, 5, 5)) is None
+    x = torch.randn(1, 6, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(op(x), op.reference_forward(x), atol=ATOL, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------- explicit formulas
 
 

@@ -18,13 +18,13 @@ from dyconv_repro.ops.routing import SharedHead
 from dyconv_repro.ops.shared import (
     BankMix,
     DynamicConvOp,
-    affine_one,
+    affine_vec,
     aggregate,
-    bank_factors,
+    bank_kernel_one,
     gap,
     init_conv_bank_,
     plain,
-    spatial_sum,
+    spatial_sum_one,
 )
 
 ROUTINGS = ("sigmoid", "softmax")
@@ -43,7 +43,8 @@ def _check_experts(num_experts) -> int:
 
 
 def _activate(logits: Tensor, routing: str) -> Tensor:
-    return torch.sigmoid(logits) if routing == "sigmoid" else torch.softmax(logits, dim=1)
+    """Routing weights from (..., K) logits."""
+    return torch.sigmoid(logits) if routing == "sigmoid" else torch.softmax(logits, dim=-1)
 
 
 def _copy_static(bank: Tensor, bias_bank: Tensor | None, weight: Tensor, bias: Tensor | None, name: str) -> None:
@@ -91,13 +92,13 @@ class CondConv2d(DynamicConvOp):
         r = self.routing_weights(x)
         return r, self.weight, None if self.bias is None else aggregate(r, self.bias), BankMix
 
-    def inference_factors(self, x: Tensor):
-        """Batch-1 inference: the router as one addmm on the spatial sum (1/HW as its alpha)."""
-        if self.block_routed or not plain(self.router, nn.Linear):
-            return self.kernel_factors(x)
-        pooled, inv_hw = spatial_sum(x)
-        r = _activate(affine_one(pooled, self.router, alpha=inv_hw), self.routing)
-        return bank_factors(self, r)
+    def kernel_one(self, x: Tensor):
+        """Batch 1: the router as one addmv on the spatial sum (1/HW as its alpha), one mv mix."""
+        router = self._modules["router"]
+        if self._slot is not None or not plain(router, nn.Linear):
+            return None
+        pooled, inv_hw = spatial_sum_one(x)
+        return bank_kernel_one(self, _activate(affine_vec(pooled, router, alpha=inv_hw), self.routing))
 
     def load_static_weight(self, weight: Tensor, bias: Tensor | None = None) -> None:
         """Copy a static conv's kernel (and bias) into every expert."""

@@ -19,11 +19,11 @@ from dyconv_repro.ops.shared import (
     DynamicConvOp,
     MLPHead,
     aggregate,
-    bank_factors,
+    bank_kernel_one,
     gap,
     init_conv_bank_,
     mlp_head,
-    spatial_sum,
+    spatial_sum_one,
 )
 
 
@@ -73,13 +73,21 @@ class DynamicConv2d(DynamicConvOp):
         pi = self.attention_weights(x)
         return pi, self.weight, None if self.bias is None else aggregate(pi, self.bias), BankMix
 
-    def inference_factors(self, x: Tensor):
-        """Batch-1 inference: softmax(attention(sum / HW) / tau) with 1/HW and 1/tau inside the addmms."""
-        if self.block_routed or type(self.attention) is not MLPHead:
-            return self.kernel_factors(x)
-        pooled, inv_hw = spatial_sum(x)
-        pi = torch.softmax(self.attention.forward_one(pooled, inv_hw, 1.0 / self._buffers["temperature"].item()), 1)
-        return bank_factors(self, pi)
+    def kernel_one(self, x: Tensor):
+        """Batch 1: softmax(attention(sum / HW) / tau) with 1/HW and 1/tau inside the two addmvs, one mv mix."""
+        head = self._modules["attention"]
+        if self._slot is not None or type(head) is not MLPHead:
+            return None
+        pooled, inv_hw = spatial_sum_one(x)
+        return bank_kernel_one(self, torch.softmax(head.forward_one(pooled, inv_hw, self._inv_temperature()), 0))
+
+    def _inv_temperature(self) -> float:
+        """1 / tau as a float, re-read only when the buffer changes (set_temperature, load_state_dict, .to())."""
+        t = self._buffers["temperature"]
+        cache = self.__dict__.get("_tau_cache")
+        if cache is None or cache[0] is not t or cache[1] != t._version:
+            cache = self.__dict__["_tau_cache"] = (t, t._version, 1.0 / t.item())
+        return cache[2]
 
     def load_static_weight(self, weight: Tensor, bias: Tensor | None = None) -> None:
         """Copy a static conv's kernel (and bias) into every one of the K kernels."""

@@ -40,9 +40,12 @@ the regime (measured with scripts/time_dynamic_paths.py on the 2-thread CPU):
                On small kernels it does not pay (CIFAR 3x3 16@32^2: fold 1.15, stream 1.71): there the
                grouped conv's own buffers, not the kernel, fault.
 At batch 1 without gradients (inference) every op runs the plain conv with the aggregated kernel written
-into scratch (`DynamicConvOp._forward_one`); the routing runs as a few addmm calls on the spatial sum with
-GAP's 1/(H*W) and DY-Conv's 1/tau folded into their alpha/beta (`inference_factors`, `MLPHead.forward_one`):
-batch-1 latency is per-call overhead (3-12 us a dispatcher call, ~4 us an nn.Module parameter lookup here).
+into scratch (`DynamicConvOp._forward_one`). CondConv, DY-Conv and WeightNet compute that kernel with the
+fewest calls their math allows (`kernel_one`): the spatial sum as a (C,) vector, the routing as addmv calls
+with GAP's 1/(H*W) and DY-Conv's 1/tau folded into alpha/beta, the mix as one mv (bank) or mul (rows) into
+the layer's scratch through cached views (`OneViews`). Batch-1 latency is per-call overhead (3-12 us a
+dispatcher call, ~3 us a view, ~2 us an nn.Module attribute lookup here): this cut the per-layer overhead
+of a small layer from ~170 us to ~70 us (scripts: 3x3 32@16^2 dynamicconv 334 -> 272 us, static 166 us).
 PW_B1: 1x1 layers run as a matmul at batch 1 too; oneDNN's 1x1 conv is slower there (us, 2 threads):
                  layer             F.conv2d   mm        layer             F.conv2d   mm
                  16->96 @112^2       4891   1015        192->64 @14^2        220     90
@@ -108,23 +111,23 @@ class MLPHead(nn.Sequential):
         return super().forward(z)
 
     def forward_one(self, z: Tensor, in_scale: float, out_scale: float = 1.0) -> Tensor:
-        """out_scale * self(in_scale * z) for inference, as two addmm calls (scales folded into them)."""
+        """out_scale * self(in_scale * z) for one pooled vector z (C,), as two addmv calls (scales folded in)."""
         fc1, act, fc2 = self._modules.values()
         if plain(fc1, nn.Linear) and plain(act, nn.ReLU) and plain(fc2, nn.Linear):
-            hidden = affine_one(z, fc1, alpha=in_scale).relu_()
-            return affine_one(hidden, fc2, alpha=out_scale, beta=out_scale)
+            hidden = affine_vec(z, fc1, alpha=in_scale).relu_()
+            return affine_vec(hidden, fc2, alpha=out_scale, beta=out_scale)
         return self(z * in_scale) * out_scale
 
 
-def affine_one(z: Tensor, linear: nn.Linear, alpha: float = 1.0, beta: float = 1.0) -> Tensor:
-    """alpha * (z @ W^T) + beta * b as one addmm: the batch-1 routing folds GAP's 1/(H*W) and DY-Conv's
-    1/tau into alpha/beta instead of spending a dispatcher call (3-12 us on a 2-core VM) on each. Reads the
-    parameters from `_parameters` (nn.Module.__getattr__ costs ~4 us a lookup there)."""
+def affine_vec(z: Tensor, linear: nn.Linear, alpha: float = 1.0, beta: float = 1.0) -> Tensor:
+    """alpha * (W @ z) + beta * b for one vector z as one addmv: the batch-1 routing folds GAP's 1/(H*W) and
+    DY-Conv's 1/tau into alpha/beta instead of spending a call (3-12 us on a 2-core VM) on each, and W is used
+    as stored (no transpose view). Reads `_parameters` directly (nn.Module.__getattr__ costs ~2 us)."""
     params = linear._parameters
     weight, bias = params["weight"], params.get("bias")
     if bias is None:
-        return torch.mm(z, weight.t()).mul_(alpha)
-    return torch.addmm(bias, z, weight.t(), beta=beta, alpha=alpha)
+        return torch.mv(weight, z).mul_(alpha)
+    return torch.addmv(bias, weight, z, beta=beta, alpha=alpha)
 
 
 def plain(module: nn.Module, *types) -> bool:
@@ -132,17 +135,52 @@ def plain(module: nn.Module, *types) -> bool:
     return type(module) in types and not (module._forward_hooks or module._forward_pre_hooks)
 
 
-def bank_factors(op: nn.Module, coeff: Tensor):
-    """(coeff, bank, mixed bias, BankMix) for an op whose `weight` / `bias` are banks of K kernels / biases."""
-    params = op._parameters
-    bias = params.get("bias")
-    return coeff, params["weight"], None if bias is None else torch.mm(coeff, bias), BankMix
-
-
-def spatial_sum(x: Tensor) -> tuple[Tensor, float]:
-    """(x summed over H, W as (B, C), 1 / (H*W)): GAP with the division left to the next addmm."""
+def spatial_sum_one(x: Tensor) -> tuple[Tensor, float]:
+    """Batch 1: (x summed over N, H, W as a (C,) vector, 1 / (H*W)) -- GAP with the division left to the
+    next addmv; any memory format."""
     h, w = x.shape[-2:]
-    return x.sum((2, 3)), 1.0 / (h * w)
+    return x.sum((0, 2, 3)), 1.0 / (h * w)
+
+
+class OneViews:
+    """What the batch-1 path of one layer reuses call after call: its parameter as the 2-D operand of the
+    mix (`src`), the layer's scratch kernel as the mix's `out`, and that kernel as the conv sees it
+    (`kernel`, and `kernel2d` = (C_out, rest) for the 1x1 matmul). A view costs ~3 us a call on this VM;
+    a small layer's whole batch-1 overhead is ~60 us. Rebuilt whenever the parameter's storage, the
+    thread (scratch is per thread) or inference mode changes."""
+
+    __slots__ = ("key", "param", "src", "out", "kernel", "kernel2d")
+
+    def __init__(self, key, param: Tensor, src: Tensor, out: Tensor, kernel: Tensor):
+        self.key, self.param, self.src, self.out, self.kernel = key, param, src, out, kernel
+        self.kernel2d = kernel.view(kernel.shape[0], -1)
+
+
+def one_views(op: nn.Module, param: Tensor, rows: int, bank: bool) -> OneViews:
+    """The cached `OneViews` of `op` for `param` viewed as `rows` rows: a bank (K rows; the mix is
+    `mv(src, coeff)`, src = (n, K)) or row-scaled (`rows` rows of the flat kernel; the mix is
+    `mul(src, coeff)` with src = (entries, rows), i.e. each kernel row scaled by its coefficient)."""
+    key = (threading.get_ident(), torch.is_inference_mode_enabled(), param.data_ptr())
+    views = op.__dict__.get("_one_views")
+    if views is not None and views.key == key and views.param is param:
+        return views
+    shape = op.kernel_shape
+    flat = _scratch(shape, 0, param)[0]
+    src = param.reshape(rows, -1).t()
+    out = flat if bank else flat.view(rows, -1).t()
+    views = OneViews(key, param, src, out, flat.view(shape))
+    op.__dict__["_one_views"] = views  # not a module attribute: never in state_dict, dropped by deepcopy users
+    return views
+
+
+def bank_kernel_one(op: nn.Module, coeff: Tensor):
+    """Batch-1 kernel (and bias) of an op whose `weight` / `bias` are banks of K kernels / biases:
+    W = sum_k coeff[k] W_k written into the layer's scratch by one mv."""
+    params = op._parameters
+    bank, bias = params["weight"], params.get("bias")
+    views = one_views(op, bank, bank.shape[0], bank=True)
+    torch.mv(views.src, coeff, out=views.out)
+    return views, None if bias is None else torch.mv(bias.t(), coeff)
 
 
 def mlp_head(in_features: int, out_features: int, hidden: int | None = None, bias: bool = True) -> nn.Module:
@@ -239,6 +277,17 @@ def matmul_conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None, stride) -> Te
     if y.requires_grad:
         y = _DenseGrad.apply(y)
     return y.reshape(b, -1, h, w)
+
+
+def pointwise_one(x: Tensor, weight2d: Tensor, bias: Tensor | None, stride) -> Tensor:
+    """Batch-1 1x1 conv (zero padding, groups=1) as one mm on the (C_in, H*W) view of a contiguous x;
+    other memory formats / strides go through `matmul_conv1x1`."""
+    if tuple(stride) != (1, 1) or not x.is_contiguous():
+        return matmul_conv1x1(x, weight2d.unsqueeze(0), None if bias is None else bias.unsqueeze(0), stride)
+    _, c_in, h, w = x.shape
+    xm = x.view(c_in, h * w)
+    y = torch.mm(weight2d, xm) if bias is None else torch.addmm(bias.unsqueeze(1), weight2d, xm)
+    return y.view(1, -1, h, w)
 
 
 def loop_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int) -> Tensor:
@@ -468,15 +517,22 @@ class DynamicConvOp(ConvOp):
         co, ci, kh, kw = self.kernel_shape
         return self.groups == 1 and kh * kw > 1 and co * ci * kh * kw >= LOOP_MIN_KERNEL and x.shape[0] > 1
 
-    def inference_factors(self, x: Tensor):
-        """`kernel_factors(x)` for batch-1 inference; ops override it with a leaner routing (same math,
-        fewer calls: batch-1 latency is dominated by per-call overhead, not arithmetic)."""
-        return self.kernel_factors(x)
+    def kernel_one(self, x: Tensor):
+        """Batch-1 inference: (`OneViews` holding this sample's kernel in `kernel`/`kernel2d`, bias or None),
+        computed with the fewest calls the op's math allows; None where the op has no such path (the
+        generic one below runs instead). Batch-1 latency is per-call overhead, not arithmetic."""
+        return None
 
     def _forward_one(self, x: Tensor) -> Tensor:
         """Batch-1 inference: the plain conv with the aggregated kernel, written into scratch (a fresh
         kernel each call made the allocator hand back new pages, 3-4x the conv's time on big layers)."""
-        factors = self.inference_factors(x)
+        one = self.kernel_one(x)
+        if one is not None:
+            views, bias = one
+            if self.pointwise:
+                return pointwise_one(x, views.kernel2d, bias, self.stride)
+            return F.conv2d(x, views.kernel, bias, self.stride, self.padding, self.dilation, self.groups)
+        factors = self.kernel_factors(x)
         if factors is None:
             weight, bias = self.kernel(x)
             weight, bias = weight[0], None if bias is None else bias[0]
@@ -488,6 +544,12 @@ class DynamicConvOp(ConvOp):
         if self.pointwise:
             return matmul_conv1x1(x, weight.unsqueeze(0), None if bias is None else bias.unsqueeze(0), self.stride)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        for cache in ("_one_views", "_tau_cache"):  # scratch views and derived floats: rebuilt on use
+            state.pop(cache, None)
+        return state
 
     def forward(self, x: Tensor) -> Tensor:
         path = self.path

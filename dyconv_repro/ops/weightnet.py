@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from dyconv_repro.errors import UserError
 from dyconv_repro.ops.registry import OPS
 from dyconv_repro.ops.routing import SharedHead
-from dyconv_repro.ops.shared import DynamicConvOp, RowMix, affine_one, gap, plain, spatial_sum
+from dyconv_repro.ops.shared import DynamicConvOp, RowMix, affine_vec, gap, one_views, plain, spatial_sum_one
 
 
 def default_gap_channels(in_channels: int) -> int:
@@ -74,15 +74,19 @@ class WeightNetConv2d(DynamicConvOp):
         a = self.coefficients(x)
         return a, self.fc2, None if self.bias is None else self.bias.expand(a.shape[0], -1), RowMix
 
-    def inference_factors(self, x: Tensor):
-        """Batch-1 inference: x_gap = reduce(sum / HW) and fc1 as two addmms (1/HW as the first's alpha)."""
-        if self.block_routed or not (plain(self.reduce, nn.Linear) and plain(self.fc1, nn.Linear)):
-            return self.kernel_factors(x)
-        params = self._parameters
-        fc2, bias = params["fc2"], params.get("bias")
-        pooled, inv_hw = spatial_sum(x)
-        a = affine_one(affine_one(pooled, self.reduce, alpha=inv_hw), self.fc1).sigmoid_()
-        return a.view(1, fc2.shape[0], fc2.shape[2]), fc2, None if bias is None else bias.unsqueeze(0), RowMix
+    def kernel_one(self, x: Tensor):
+        """Batch 1: x_gap = reduce(sum / HW) and fc1 as two addmvs (1/HW as the first's alpha); with one fc2
+        column per row (M == G, the default) the kernel is fc2's rows scaled by a, one mul into scratch."""
+        reduce, fc1 = self._modules["reduce"], self._modules["fc1"]
+        fc2 = self._parameters["fc2"]
+        if (self._slot is not None or fc2.shape[2] != 1
+                or not (plain(reduce, nn.Linear) and plain(fc1, nn.Linear))):
+            return None
+        pooled, inv_hw = spatial_sum_one(x)
+        a = affine_vec(affine_vec(pooled, reduce, alpha=inv_hw), fc1).sigmoid_()
+        views = one_views(self, fc2, fc2.shape[0], bank=False)
+        torch.mul(views.src, a, out=views.out)
+        return views, self._parameters.get("bias")
 
     def kernel(self, x: Tensor):
         a = self.coefficients(x)
