@@ -98,6 +98,14 @@ def test_fast_paths_equal_reference(name):
             _assert_same(_grads(op, xx, op), (y_ref, gx_ref, gp_ref), (cin, cout, k, s, g, b, path, cl))
 
 
+def test_stream_chunk_rules():
+    from dyconv_repro.ops.shared import STREAM_CHUNK_ELEMS, STREAM_MIN_CHUNK, stream_chunk
+
+    assert stream_chunk(32, 512 * 512 * 9) == STREAM_MIN_CHUNK  # big kernels: never fewer than the minimum
+    assert stream_chunk(3, 512 * 512 * 9) == 3
+    assert stream_chunk(64, 64 * 64 * 9) == min(64, STREAM_CHUNK_ELEMS // (64 * 64 * 9))
+
+
 @pytest.mark.parametrize("name", ("condconv", "dynamicconv", "weightnet"))
 def test_streamed_path_equals_reference(name, monkeypatch):
     """The streamed path (kernels regenerated chunk-wise into scratch, hand-written mix gradients) ==
@@ -108,6 +116,7 @@ def test_streamed_path_equals_reference(name, monkeypatch):
     for loop_mode in (False, True):
         # tiny chunks (several per batch); loop_mode sends every chunk down the per-sample branch
         monkeypatch.setattr(shared, "STREAM_CHUNK_ELEMS", 700)
+        monkeypatch.setattr(shared, "STREAM_MIN_CHUNK", 1)
         monkeypatch.setattr(shared, "LOOP_MIN_MACS", 0 if loop_mode else 10**12)
         monkeypatch.setattr(shared, "LOOP_MIN_DW_PIXELS", 0 if loop_mode else 10**12)
         for cin, cout, k, s, g, b in _regimes():
