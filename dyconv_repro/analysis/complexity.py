@@ -1,8 +1,9 @@
 """Parameters and multiply-adds at batch 1, counted by torch.utils.flop_counter.FlopCounterMode.
 
 Convention (state it next to every table): MAdds = FLOPs / 2 of the aten ops FlopCounterMode
-knows: convolutions, mm / addmm / bmm / baddbmm (so nn.Linear, routing FCs and kernel
-aggregation written as matmul / einsum count, K MAdds per kernel weight per sample) and attention.
+knows: convolutions, mm / addmm / bmm / baddbmm, plus mv / addmv (added here: the batch-1 routing and
+kernel mix run as matrix-vector products), so nn.Linear, routing FCs and kernel aggregation written as
+matmul / einsum count, K MAdds per kernel weight per sample, and attention.
 Free: elementwise ops (activations, BN in eval, residual adds, SE/attention scaling,
 mul+sum aggregation written without a matmul), pooling and global averaging, conv bias adds.
 The model runs in eval mode at batch 1, so an operator's inference path is what is counted.
@@ -13,6 +14,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+aten = torch.ops.aten
+
+
+def _mv_flop(mat_shape, vec_shape, *args, out_shape=None, **kwargs) -> int:
+    """(M, N) @ (N,): 2*M*N FLOPs, the mm convention with one column."""
+    m, n = mat_shape
+    return 2 * m * n
+
+
+def _addmv_flop(self_shape, mat_shape, vec_shape, *args, out_shape=None, **kwargs) -> int:
+    return _mv_flop(mat_shape, vec_shape)
+
+
+MATRIX_VECTOR_FLOPS = {aten.mv: _mv_flop, aten.addmv: _addmv_flop}
 
 
 def count_params(model: nn.Module) -> int:
@@ -36,7 +52,7 @@ def count_madds(model: nn.Module, image_size: int, in_chans: int = 3) -> int:
         model.eval()
         for q, _ in grads:
             q.requires_grad_(False)
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=MATRIX_VECTOR_FLOPS) as counter:
             model(x)
     finally:
         model.train(was_training)
