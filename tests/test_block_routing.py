@@ -157,3 +157,21 @@ def test_block_routing_survives_deepcopy_state_dict_and_pickle():
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
     torch.testing.assert_close(loaded(x), y)
+
+
+@pytest.mark.parametrize("name, kwargs", [("condconv", {"num_experts": 3}), ("dynamicconv", {"num_kernels": 3}),
+                                          ("weightnet", {"M": 1, "G": 1})])
+def test_block_routed_sample_alone_equals_in_batch(name, kwargs):
+    """Block-routed ops at batch 1 (eval, no grad) take the flat batch-1 path with the block's routing
+    input; each sample alone == the same sample in a batch (the batched path)."""
+    mb = swap(mobilenet_v2(width_mult=0.25, num_classes=10), name, **kwargs)
+    assert apply_block_routing(mb) == 17
+    _randomize_bn(mb)
+    mb.eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        batch = mb(x)
+        alone = torch.cat([mb(x[i:i + 1]) for i in range(3)])
+    op = mb.features[2].conv[1][0]
+    assert op.block_routed
+    torch.testing.assert_close(alone, batch, rtol=1e-4, atol=1e-5)

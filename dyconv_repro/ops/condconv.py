@@ -93,9 +93,12 @@ class CondConv2d(DynamicConvOp):
         return r, self.weight, None if self.bias is None else aggregate(r, self.bias), BankMix
 
     def kernel_one(self, x: Tensor):
-        """Batch 1: the router as one addmv on the spatial sum (1/HW as its alpha), one mv mix."""
+        """Batch 1: the router as one addmv on the spatial sum (1/HW as its alpha), one mv mix; under block
+        routing the block's routing weights, mixed the same way."""
+        if self._slot is not None:
+            return bank_kernel_one(self, self.block_input().view(-1))
         router = self._modules["router"]
-        if self._slot is not None or not plain(router, nn.Linear):
+        if not plain(router, nn.Linear):
             return None
         pooled, inv_hw = spatial_sum_one(x)
         return bank_kernel_one(self, _activate(affine_vec(pooled, router, alpha=inv_hw), self.routing))

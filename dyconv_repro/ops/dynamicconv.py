@@ -76,9 +76,12 @@ class DynamicConv2d(DynamicConvOp):
     def kernel_one(self, x: Tensor):
         """Batch 1: softmax(attention(sum / HW) / tau) with 1/HW and 1/tau inside the two addmvs, one mv mix."""
         head = self._modules["attention"]
-        if self._slot is not None or type(head) is not MLPHead:
+        if type(head) is not MLPHead:
             return None
-        pooled, inv_hw = spatial_sum_one(x)
+        if self._slot is not None:  # block routing: the pooled block input (already divided by H*W)
+            pooled, inv_hw = self.block_input().view(-1), 1.0
+        else:
+            pooled, inv_hw = spatial_sum_one(x)
         return bank_kernel_one(self, torch.softmax(head.forward_one(pooled, inv_hw, self._inv_temperature()), 0))
 
     def _inv_temperature(self) -> float:

@@ -77,13 +77,18 @@ class WeightNetConv2d(DynamicConvOp):
     def kernel_one(self, x: Tensor):
         """Batch 1: x_gap = reduce(sum / HW) and fc1 as two addmvs (1/HW as the first's alpha); with one fc2
         column per row (M == G, the default) the kernel is fc2's rows scaled by a, one mul into scratch."""
-        reduce, fc1 = self._modules["reduce"], self._modules["fc1"]
-        fc2 = self._parameters["fc2"]
-        if (self._slot is not None or fc2.shape[2] != 1
-                or not (plain(reduce, nn.Linear) and plain(fc1, nn.Linear))):
+        fc1, fc2 = self._modules["fc1"], self._parameters["fc2"]
+        if fc2.shape[2] != 1 or not plain(fc1, nn.Linear):
             return None
-        pooled, inv_hw = spatial_sum_one(x)
-        a = affine_vec(affine_vec(pooled, reduce, alpha=inv_hw), fc1).sigmoid_()
+        if self._slot is not None:  # block routing: the block's shared x_gap
+            x_gap = self.block_input().view(-1)
+        else:
+            reduce = self._modules["reduce"]
+            if not plain(reduce, nn.Linear):
+                return None
+            pooled, inv_hw = spatial_sum_one(x)
+            x_gap = affine_vec(pooled, reduce, alpha=inv_hw)
+        a = affine_vec(x_gap, fc1).sigmoid_()
         views = one_views(self, fc2, fc2.shape[0], bank=False)
         torch.mul(views.src, a, out=views.out)
         return views, self._parameters.get("bias")
