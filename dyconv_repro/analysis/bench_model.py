@@ -370,7 +370,20 @@ class Runner:
             torch.cuda.synchronize(self.device)
 
     def block(self, metric: str, number: int) -> float:
-        """Seconds per call over `number` back-to-back calls."""
+        """Seconds per call over `number` back-to-back calls; batch-1 latency: the median call of the block.
+
+        A batch-1 call is a few ms, so one preemption of this VM's vCPU (tens of ms) moved a block's
+        mean by 2-3x between rounds; the median call is the latency a user sees, robust to those spikes.
+        """
+        if metric == "b1":
+            times = []
+            for _ in range(number):
+                self._sync()
+                t0 = time.perf_counter()
+                self.call(metric)
+                self._sync()
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times)
         self._sync()
         t0 = time.perf_counter()
         for _ in range(number):
@@ -665,7 +678,7 @@ def page(rows: list[dict], meta: dict, checks: list[dict], name: str) -> str:
         f"{s['channels_last']}, compile {s['compile']}",
         f"- training batch {s['train_batch']} (SGD momentum 0.9, cross-entropy), inference batch 1 and "
         f"{s['infer_batch']}; {s['warmup']} warm-up call(s), median of {s['repeats']} interleaved rounds, "
-        f"each timed block >= {s['min_block_s']} s",
+        f"each timed block >= {s['min_block_s']} s (batch-1 latency: the median call of each block)",
         "- ratio (x) = figure / the static model's (op=conv) of the same backbone in the same run; "
         "for latency and memory lower is better, for img/s higher is better",
         f"- peak memory: {'CUDA max_memory_allocated' if s['device'].startswith('cuda') else 'peak RSS delta (VmHWM after, reset via /proc/self/clear_refs, minus VmRSS before)'} "
@@ -719,6 +732,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--write-page", nargs="?", const="", default=None, metavar="NAME",
                    help="(re)generate <page-dir>/NAME.md (+ .csv/.json); NAME defaults to <device>_<models>")
     p.add_argument("--page-dir", default="results/benchmarks", help="where --write-page writes")
+    p.add_argument("--readme", action="store_true",
+                   help="with --write-page: refresh README's benchmark summary from every page in --page-dir")
     p.add_argument("--shared", action="store_true",
                    help="state on the page that the machine was shared (also automatic when load > CPUs)")
     p.add_argument("--note", default=None, help="free text added to the page")
@@ -779,6 +794,8 @@ def profile_cases(cases: list[Case], s: Settings, top: int) -> str:
 def run_model(args) -> dict:
     """`dyconv-bench model`: plan, measure, print, write; returns {'rows', 'meta', 'targets'}."""
     s = settings_from(args)
+    if getattr(args, "readme", False) and args.write_page is None:
+        raise UserError("--readme needs --write-page (the summary is rendered from the pages)")
     cases = plan_cases(args.models, args.ops, list(args.overrides), args.image_size, args.num_classes, args.peers)
     print(f"benchmarking {len(cases)} models on {s.device} (threads={s.threads}, train batch {s.train_batch}, "
           f"infer batch 1/{s.infer_batch}, {s.repeats} rounds, torch {torch.__version__}, load {_load():.2f})",
@@ -810,6 +827,11 @@ def run_model(args) -> dict:
         write_outputs(rows, meta, checks, str(d / name))
         (d / f"{name}.md").write_text(page(rows, meta, checks, name))
         print(f"wrote {d / name}.md (+ .csv, .json)")
+        if args.readme:
+            from dyconv_repro.analysis.bench_summary import SECTION, summary
+            from dyconv_repro.results.readme import update_section
+
+            print(f"updated {update_section(SECTION, summary(d))} ({SECTION})")
     if args.profile:
         print(profile_cases(cases, s, args.profile))
     return {"rows": rows, "meta": meta, "targets": checks}
