@@ -61,7 +61,7 @@ def test_config_mode_adds_the_static_model():
     assert peers[0].num_classes == 1000
 
 
-def test_token_parsing_and_errors():
+def test_token_parsing_and_errors(capsys):
     assert bench_model.split_top("a,mixconv:kernel_sizes=[3,5,7],b") == ["a", "mixconv:kernel_sizes=[3,5,7]", "b"]
     name, ov, size = bench_model.parse_token("resnet20@64:width_mult=0.5", "model")
     assert (name, ov, size) == ("resnet20", ["model=resnet20", "model.width_mult=0.5"], 64)
@@ -72,3 +72,6 @@ def test_token_parsing_and_errors():
     with pytest.raises(SystemExit) as e:
         bench_model.main(["model=resnet20", "op=nope", *TINY])
     assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        bench_model.main(["model=resnet20", "--readme", *TINY])  # the summary is rendered from pages
+    assert e.value.code == 2 and "--readme needs --write-page" in capsys.readouterr().err

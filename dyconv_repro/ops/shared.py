@@ -44,8 +44,8 @@ into scratch (`DynamicConvOp._forward_one`). CondConv, DY-Conv and WeightNet com
 fewest calls their math allows (`kernel_one`): the spatial sum as a (C,) vector, the routing as addmv calls
 with GAP's 1/(H*W) and DY-Conv's 1/tau folded into alpha/beta, the mix as one mv (bank) or mul (rows) into
 the layer's scratch through cached views (`OneViews`). Batch-1 latency is per-call overhead (3-12 us a
-dispatcher call, ~3 us a view, ~2 us an nn.Module attribute lookup here): this cut the per-layer overhead
-of a small layer from ~170 us to ~70 us (scripts: 3x3 32@16^2 dynamicconv 334 -> 272 us, static 166 us).
+dispatcher call, ~3 us a view, ~2 us an nn.Module attribute lookup here), so the path is judged by the
+fwd b1 column of `dyconv-bench ops` (results/benchmarks/ops_cpu.md) and the b1 latency of the model pages.
 PW_B1: 1x1 layers run as a matmul at batch 1 too; oneDNN's 1x1 conv is slower there (us, 2 threads):
                  layer             F.conv2d   mm        layer             F.conv2d   mm
                  16->96 @112^2       4891   1015        192->64 @14^2        220     90
