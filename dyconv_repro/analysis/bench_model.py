@@ -794,7 +794,7 @@ def profile_cases(cases: list[Case], s: Settings, top: int) -> str:
 def run_model(args) -> dict:
     """`dyconv-bench model`: plan, measure, print, write; returns {'rows', 'meta', 'targets'}."""
     s = settings_from(args)
-    if getattr(args, "readme", False) and args.write_page is None:
+    if args.readme and args.write_page is None:
         raise UserError("--readme needs --write-page (the summary is rendered from the pages)")
     cases = plan_cases(args.models, args.ops, list(args.overrides), args.image_size, args.num_classes, args.peers)
     print(f"benchmarking {len(cases)} models on {s.device} (threads={s.threads}, train batch {s.train_batch}, "

@@ -82,8 +82,13 @@ class _GlobalAvgPool(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        b, c, h, w = ctx.shape
-        return (g / (h * w)).reshape(b, c, 1, 1).expand(b, c, h, w)
+        return _pooled_grad(g, ctx.shape).expand(ctx.shape)
+
+
+def _pooled_grad(g: Tensor, shape) -> Tensor:
+    """The (B, C, 1, 1) gradient of x for GAP's (B, C) output gradient `g` (broadcasts over H, W)."""
+    b, c, h, w = shape
+    return (g / (h * w)).reshape(b, c, 1, 1)
 
 
 class _PoolTee(torch.autograd.Function):
@@ -102,12 +107,11 @@ class _PoolTee(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_x, g_pooled):
-        b, c, h, w = ctx.shape
         if g_pooled is None:
             return g_x
-        spread = (g_pooled / (h * w)).reshape(b, c, 1, 1)
+        spread = _pooled_grad(g_pooled, ctx.shape)
         if g_x is None:
-            return spread.expand(b, c, h, w)
+            return spread.expand(ctx.shape)
         if not torch.is_grad_enabled() and _dense(g_x):
             return g_x.add_(spread)
         return g_x + spread
@@ -370,7 +374,7 @@ def dynamic_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, paddi
 
 STREAM_CHUNK_ELEMS = 1 << 23  # kernel entries generated at once (32 MB fp32 scratch, two buffers) ...
 STREAM_MIN_CHUNK = 8  # ... but at least this many samples: MKL's (c, K) @ (K, n) mix costs 4.2 ms a sample at
-                      # c = 3 and 2.0 ms at c >= 8 (n = 512*512*9, K = 4, 2 threads); 512@7^2 b32 fwd+bwd 1044 -> 767 ms
+                      # c = 3 and 2.0 ms at c >= 8 (n = 512*512*9, K = 4, 2 threads); 512@7^2 b32 fwd+bwd 1044 -> 754 ms
 
 
 def stream_chunk(batch: int, n: int) -> int:
@@ -593,7 +597,7 @@ class DynamicConvOp(ConvOp):
             weight = mix.make(coeff, param, _scratch(shape, 0, x)).view(shape)
             bias = None if bias is None else bias[0]
         if self.pointwise:
-            return matmul_conv1x1(x, weight.unsqueeze(0), None if bias is None else bias.unsqueeze(0), self.stride)
+            return pointwise_one(x, weight.reshape(weight.shape[0], -1), bias, self.stride)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def __getstate__(self):
