@@ -42,3 +42,30 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 300, env: dict | None = N
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def native_kernel():
+    """The native batch-1 kernel, built here if `make install` did not (None only without a C++ toolchain)."""
+    import shutil
+
+    from dyconv_repro.ops import native
+
+    if native.disabled():
+        return None
+    module = native.get()
+    if module is None and shutil.which("c++") and shutil.which("ninja"):
+        module = native.build()
+    return module
+
+
+@pytest.fixture(params=["python", "native"])
+def batch_one_impl(request, monkeypatch):
+    """Run a test once with the Python batch-1 path and once with the native kernel (skipped only on a
+    machine without a C++ toolchain); the fixture's value is the implementation name."""
+    from dyconv_repro.ops import native
+
+    if request.param == "python":
+        monkeypatch.setattr(native, "get", lambda: None)
+    elif native_kernel() is None:
+        pytest.skip("no C++ toolchain (or DYCONV_NATIVE=0): the native batch-1 kernel is not built")
+    return request.param

@@ -161,7 +161,7 @@ def test_block_routing_survives_deepcopy_state_dict_and_pickle():
 
 @pytest.mark.parametrize("name, kwargs", [("condconv", {"num_experts": 3}), ("dynamicconv", {"num_kernels": 3}),
                                           ("weightnet", {"M": 1, "G": 1})])
-def test_block_routed_sample_alone_equals_in_batch(name, kwargs):
+def test_block_routed_sample_alone_equals_in_batch(name, kwargs, batch_one_impl):
     """Block-routed ops at batch 1 (eval, no grad) take the flat batch-1 path with the block's routing
     input; each sample alone == the same sample in a batch (the batched path)."""
     mb = swap(mobilenet_v2(width_mult=0.25, num_classes=10), name, **kwargs)

@@ -207,7 +207,7 @@ def test_dynamic_conv2d_matmul_keeps_channels_last_and_rejects_bad_geometry():
 
 
 @pytest.mark.parametrize("name", DYNAMIC)
-def test_sample_alone_equals_in_batch(name):
+def test_sample_alone_equals_in_batch(name, batch_one_impl):
     """Eval mode: batch 1 (scratch kernel; 1x1 as a matmul) == the same sample inside a batch, for NCHW and
     channels_last inputs, stride 1 and 2."""
     for k, g, s in ((1, "dense", 1), (1, "dense", 2), (3, "dense", 1), (3, "depthwise", 2)):
@@ -223,7 +223,7 @@ def test_sample_alone_equals_in_batch(name):
 
 
 @pytest.mark.parametrize("name", ["condconv", "dynamicconv", "weightnet"])
-def test_batch_one_path_follows_every_parameter_change(name):
+def test_batch_one_path_follows_every_parameter_change(name, batch_one_impl):
     """The batch-1 path caches views of the bank and the scratch kernel, and DY-Conv's 1/tau: its output must
     follow in-place updates (an optimizer step), replaced storage (.data =), load_state_dict, set_temperature,
     inference_mode vs no_grad and deepcopy -- always equal to the per-sample reference."""

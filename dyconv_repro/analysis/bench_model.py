@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from dyconv_repro.errors import UserError
+from dyconv_repro.ops import native
 
 CIFAR_BACKBONES = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
 DEFAULT_MODELS = "mobilenet_v2,resnet18,resnet20"
@@ -604,7 +605,8 @@ def hardware() -> dict:
         cpu = platform.processor() or "unknown"
     hw = {"cpu": cpu, "logical_cpus": os.cpu_count(),
           "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-          "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+          "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+          "native_batch_one": native.status()}
     try:
         import timm
 
@@ -673,7 +675,8 @@ def page(rows: list[dict], meta: dict, checks: list[dict], name: str) -> str:
         "",
         f"- hardware: {hw['cpu']} ({hw['logical_cpus']} logical CPUs, {hw['cpus_available']} available)"
         + (f", GPU {hw['gpu']}" if hw.get("gpu") and s["device"].startswith("cuda") else ""),
-        f"- software: torch {hw['torch']}, timm {hw.get('timm', '?')}, Python {hw['python']}, {hw['platform']}",
+        f"- software: torch {hw['torch']}, timm {hw.get('timm', '?')}, Python {hw['python']}, {hw['platform']}; "
+        f"native batch-1 kernel {hw.get('native_batch_one', 'not recorded')}",
         f"- device {s['device']}, threads {s['threads']}, amp {s['amp'] or 'off'}, channels_last "
         f"{s['channels_last']}, compile {s['compile']}",
         f"- training batch {s['train_batch']} (SGD momentum 0.9, cross-entropy), inference batch 1 and "
@@ -798,7 +801,8 @@ def run_model(args) -> dict:
         raise UserError("--readme needs --write-page (the summary is rendered from the pages)")
     cases = plan_cases(args.models, args.ops, list(args.overrides), args.image_size, args.num_classes, args.peers)
     print(f"benchmarking {len(cases)} models on {s.device} (threads={s.threads}, train batch {s.train_batch}, "
-          f"infer batch 1/{s.infer_batch}, {s.repeats} rounds, torch {torch.__version__}, load {_load():.2f})",
+          f"infer batch 1/{s.infer_batch}, {s.repeats} rounds, torch {torch.__version__}, native batch-1 kernel "
+          f"{native.status()}, load {_load():.2f})",
           flush=True)
     t0 = time.time()
     rows, load = run_cases(cases, s, progress=lambda m: print(m, flush=True))

@@ -9,6 +9,7 @@ import torch
 from dyconv_repro.analysis.bench_model import add_model_parser
 from dyconv_repro.cli.common import user_errors_exit
 from dyconv_repro.errors import UserError
+from dyconv_repro.ops import native
 
 
 def add_ops_parser(sub) -> None:
@@ -43,7 +44,7 @@ def _run_ops(args) -> None:
     rows = []
     for dev in devices:
         print(f"benchmarking on {dev} (threads={args.threads}, batch 1 and {batch}, repeats={repeats}, "
-              f"torch {torch.__version__})", flush=True)
+              f"torch {torch.__version__}, native batch-1 kernel {native.status()})", flush=True)
         rows += bench_ops.run(dev, args.threads, repeats, batch, shapes, args.ops, tuple(args.formats),
                               min_block_s=0.02 if args.quick else 0.05)
     print()
@@ -74,7 +75,8 @@ def write_ops_page(path: str, summary: str) -> None:
         f"Measured {when}.", "", "```", "dyconv-bench ops " + shlex.join(sys.argv[2:]), "```", "",
         f"- hardware: {hw['cpu']} ({hw['logical_cpus']} logical CPUs, {hw['cpus_available']} available)"
         + (f", GPU {hw['gpu']}" if "gpu" in hw else ""),
-        f"- software: torch {hw['torch']}, timm {hw.get('timm', '-')}, Python {hw['python']}, {hw['platform']}",
+        f"- software: torch {hw['torch']}, timm {hw.get('timm', '-')}, Python {hw['python']}, {hw['platform']}; "
+        f"native batch-1 kernel {hw['native_batch_one']}",
         "- ratio = op time / floor; floor = the faster of nn.Conv2d NCHW and channels_last for that layer, "
         "measured in the same run; every op is timed in both formats and its faster one is reported", "",
         "```", summary.rstrip(), "```", ""])

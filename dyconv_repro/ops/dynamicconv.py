@@ -15,6 +15,8 @@ from dyconv_repro.ops.condconv import _copy_static
 from dyconv_repro.ops.registry import OPS
 from dyconv_repro.ops.routing import SharedHead
 from dyconv_repro.ops.shared import (
+    ACT_RELU,
+    ACT_SOFTMAX,
     BankMix,
     DynamicConvOp,
     MLPHead,
@@ -23,6 +25,8 @@ from dyconv_repro.ops.shared import (
     gap,
     init_conv_bank_,
     mlp_head,
+    native_kernel_one,
+    plain,
     spatial_sum_one,
 )
 
@@ -78,11 +82,21 @@ class DynamicConv2d(DynamicConvOp):
         head = self._modules["attention"]
         if type(head) is not MLPHead:
             return None
+        inv_tau = self._inv_temperature()
         if self._slot is not None:  # block routing: the pooled block input (already divided by H*W)
-            pooled, inv_hw = self.block_input().view(-1), 1.0
+            source, pool, inv_hw = self.block_input(), False, 1.0
         else:
-            pooled, inv_hw = spatial_sum_one(x)
-        return bank_kernel_one(self, torch.softmax(head.forward_one(pooled, inv_hw, self._inv_temperature()), 0))
+            h, w = x.shape[-2:]
+            source, pool, inv_hw = x, True, 1.0 / (h * w)
+        fc1, act, fc2 = head._modules.values()
+        if plain(fc1, nn.Linear) and plain(act, nn.ReLU) and plain(fc2, nn.Linear):
+            params = self._parameters
+            one = native_kernel_one(self, source, pool, ((fc1, inv_hw, 1.0), (fc2, inv_tau, inv_tau)), ACT_RELU,
+                                    ACT_SOFTMAX, params["weight"], True, params.get("bias"))
+            if one is not None:
+                return one
+        pooled = spatial_sum_one(x)[0] if pool else source.view(-1)
+        return bank_kernel_one(self, torch.softmax(head.forward_one(pooled, inv_hw, inv_tau), 0))
 
     def _inv_temperature(self) -> float:
         """1 / tau as a float, re-read only when the buffer changes (set_temperature, load_state_dict, .to())."""

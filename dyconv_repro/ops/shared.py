@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from dyconv_repro.ops import native
 from dyconv_repro.ops.base import ConvOp
 
 PATHS = ("auto", "fold", "matmul", "loop", "stream")
@@ -228,6 +229,33 @@ def bank_kernel_one(op: nn.Module, coeff: Tensor):
     views = one_views(op, bank, bank.shape[0], bank=True)
     torch.mv(views.src, coeff, out=views.out)
     return views, None if bias is None else torch.mv(bias.t(), coeff)
+
+
+ACT_NONE, ACT_RELU, ACT_SIGMOID, ACT_SOFTMAX = 0, 1, 2, 3  # activation codes of the native batch-1 kernel
+
+
+def native_kernel_one(op: nn.Module, source: Tensor, pool: bool, layers, inner: int, final: int, param: Tensor,
+                      bank: bool, bias_bank: Tensor | None = None):
+    """The batch-1 kernel (`OneViews`, mixed bias or None) by the native kernel in one call, or None when it is
+    not available (the caller then runs the same math as aten calls). `source` is x when `pool` (the spatial
+    sum is taken there), else the routing input vector; `layers` are (linear, alpha, beta) routing layers
+    (z <- alpha * W z + beta * b) with `inner` between them and `final` after the last; the coefficients mix
+    `param` as a bank of K kernels (`bank`) or scale its rows (WeightNet)."""
+    kernel = native.get()
+    if (kernel is None or not (source.is_contiguous() or _is_channels_last(source))
+            or torch._C._len_torch_dispatch_stack()):  # a dispatch mode (FlopCounterMode, ...) must see the aten ops
+        return None
+    weights, biases, alphas, betas = [], [], [], []
+    for linear, alpha, beta in layers:
+        params = linear._parameters
+        weights.append(params["weight"])
+        biases.append(params.get("bias"))
+        alphas.append(alpha)
+        betas.append(beta)
+    views = one_views(op, param, param.shape[0], bank)
+    bias = kernel.kernel_one(source, pool, weights, biases, alphas, betas, inner, final, param, 0 if bank else 1,
+                             views.kernel, bias_bank)
+    return views, bias
 
 
 def mlp_head(in_features: int, out_features: int, hidden: int | None = None, bias: bool = True) -> nn.Module:

@@ -18,7 +18,18 @@ from torch import Tensor, nn
 from dyconv_repro.errors import UserError
 from dyconv_repro.ops.registry import OPS
 from dyconv_repro.ops.routing import SharedHead
-from dyconv_repro.ops.shared import DynamicConvOp, RowMix, affine_vec, gap, one_views, plain, spatial_sum_one
+from dyconv_repro.ops.shared import (
+    ACT_NONE,
+    ACT_SIGMOID,
+    DynamicConvOp,
+    RowMix,
+    affine_vec,
+    gap,
+    native_kernel_one,
+    one_views,
+    plain,
+    spatial_sum_one,
+)
 
 
 def default_gap_channels(in_channels: int) -> int:
@@ -80,18 +91,28 @@ class WeightNetConv2d(DynamicConvOp):
         fc1, fc2 = self._modules["fc1"], self._parameters["fc2"]
         if fc2.shape[2] != 1 or not plain(fc1, nn.Linear):
             return None
+        bias = self._parameters.get("bias")
         if self._slot is not None:  # block routing: the block's shared x_gap
-            x_gap = self.block_input().view(-1)
+            x_gap = self.block_input()
+            one = native_kernel_one(self, x_gap, False, ((fc1, 1.0, 1.0),), ACT_NONE, ACT_SIGMOID, fc2, False)
+            if one is not None:
+                return one[0], bias
+            x_gap = x_gap.view(-1)
         else:
             reduce = self._modules["reduce"]
             if not plain(reduce, nn.Linear):
                 return None
+            h, w = x.shape[-2:]
+            one = native_kernel_one(self, x, True, ((reduce, 1.0 / (h * w), 1.0), (fc1, 1.0, 1.0)), ACT_NONE,
+                                    ACT_SIGMOID, fc2, False)
+            if one is not None:
+                return one[0], bias
             pooled, inv_hw = spatial_sum_one(x)
             x_gap = affine_vec(pooled, reduce, alpha=inv_hw)
         a = affine_vec(x_gap, fc1).sigmoid_()
         views = one_views(self, fc2, fc2.shape[0], bank=False)
         torch.mul(views.src, a, out=views.out)
-        return views, self._parameters.get("bias")
+        return views, bias
 
     def kernel(self, x: Tensor):
         a = self.coefficients(x)

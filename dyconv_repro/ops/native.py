@@ -1,0 +1,113 @@
+"""The optional C++ batch-1 kernel (csrc/batch_one.cpp): built once, loaded when present.
+
+At batch 1 a dynamic layer's pooling, routing and kernel mix are 5-7 tiny aten calls whose dispatch,
+allocation and thread-pool wake-ups cost more than their arithmetic (40-60 % of a CIFAR-size conv on
+this 2-core CPU); the native kernel does the same arithmetic in one call. It is an accelerator, never a
+requirement: without a C++ compiler, or with DYCONV_NATIVE=0, the Python path in shared.py runs (and is
+the reference the native kernel is tested against).
+
+Build it with `python -m dyconv_repro.ops.native` (`make install` does; ~45 s, needs g++ and ninja).
+It is never compiled implicitly in the middle of a run: `get()` only loads an existing build. The build
+lives in DYCONV_NATIVE_DIR (default ~/.cache/dyconv_repro/native) under a tag of the source, torch and
+Python versions, so a changed source or an upgraded torch never loads a stale binary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+NAME = "dyconv_batch_one"
+SOURCE = Path(__file__).with_name("csrc") / "batch_one.cpp"
+_UNSET = object()
+_module = _UNSET
+
+
+def build_dir() -> Path:
+    """Where this source, torch and Python's build lives."""
+    root = Path(os.environ.get("DYCONV_NATIVE_DIR") or Path.home() / ".cache" / "dyconv_repro" / "native")
+    tag = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
+    return root / tag
+
+
+def disabled() -> bool:
+    return os.environ.get("DYCONV_NATIVE", "1").strip().lower() in ("0", "false", "off", "no")
+
+
+def _library() -> Path:
+    return build_dir() / f"{NAME}.so"
+
+
+def _import(path: Path):
+    spec = importlib.util.spec_from_file_location(NAME, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get():
+    """The loaded native module, or None (not built, disabled, or it failed to load: warned once)."""
+    global _module
+    if _module is _UNSET:
+        _module = None
+        path = _library()
+        if not disabled() and path.exists():
+            try:
+                _module = _import(path)
+            except (ImportError, OSError) as e:
+                warnings.warn(f"dyconv native kernel at {path} did not load ({e}); using the Python batch-1 path. "
+                              "Rebuild it with `python -m dyconv_repro.ops.native`.", stacklevel=2)
+    return _module
+
+
+def status() -> str:
+    """One line for benchmark pages and logs: is the native batch-1 kernel in use, and if not, why."""
+    if disabled():
+        return "off (DYCONV_NATIVE=0)"
+    if get() is not None:
+        return "on"
+    if not _library().exists():
+        return "off (not built: python -m dyconv_repro.ops.native)"
+    return "off (failed to load)"
+
+
+def build(verbose: bool = False):
+    """Compile (or find up to date) the native kernel and load it; raises when the toolchain fails."""
+    global _module
+    import logging
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime": not ours
+    from torch.utils.cpp_extension import load
+
+    out = build_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    module = load(name=NAME, sources=[str(SOURCE)], build_directory=str(out), extra_cflags=["-O3", "-fopenmp"],
+                  extra_ldflags=["-fopenmp"], verbose=verbose)  # -fopenmp: at::parallel_for on torch's own libgomp
+    _module = None if disabled() else module
+    return module
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dyconv_repro.ops.native", description=__doc__.split("\n")[0])
+    parser.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    parser.add_argument("--status", action="store_true", help="only print whether the kernel is built and used")
+    args = parser.parse_args(argv)
+    if not args.status:
+        try:
+            build(args.verbose)
+        except Exception as e:  # the toolchain's own error (no compiler, no ninja, ...): say so, keep the Python path
+            print(f"native batch-1 kernel not built: {e}\nThe Python batch-1 path will be used.", file=sys.stderr)
+            return 1
+    print(f"native batch-1 kernel: {status()} ({_library()})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

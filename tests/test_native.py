@@ -1,0 +1,107 @@
+"""The native batch-1 kernel (csrc/batch_one.cpp) == the Python batch-1 path == the per-sample reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dyconv_repro.ops import build_op, native
+from tests.conftest import native_kernel
+
+ATOL = 1e-5
+
+# Cases on both sides of the kernel's size switches: aten pooling (C*H*W >= 2^16), parallel mix
+# (K * kernel entries >= 2^16), MKL addmv for the routing (>= 2^14 multiply-adds); the rest are small.
+CASES = [
+    ("condconv", dict(in_channels=6, out_channels=8, kernel_size=3, bias=True), (9, 9)),
+    ("condconv", dict(in_channels=6, out_channels=8, kernel_size=3, routing="softmax", num_experts=3), (5, 7)),
+    ("condconv", dict(in_channels=128, out_channels=128, kernel_size=3, bias=True), (6, 6)),  # parallel mix
+    ("condconv", dict(in_channels=8, out_channels=8, kernel_size=3, groups=8), (8, 8)),  # depthwise
+    ("dynamicconv", dict(in_channels=6, out_channels=10, kernel_size=1, bias=True), (6, 6)),  # 1x1 (matmul)
+    ("dynamicconv", dict(in_channels=512, out_channels=16, kernel_size=3, stride=2), (4, 4)),  # aten addmv
+    ("dynamicconv", dict(in_channels=32, out_channels=8, kernel_size=3, bias=True), (80, 80)),  # aten pooling
+    ("weightnet", dict(in_channels=8, out_channels=8, kernel_size=3), (7, 7)),
+    ("weightnet", dict(in_channels=16, out_channels=16, kernel_size=3, groups=16, bias=True), (9, 9)),
+]
+
+
+class _Counting:
+    """Wraps the native module and counts its calls, so a test knows the native path ran."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, 0
+
+    def kernel_one(self, *args):
+        self.calls += 1
+        return self.module.kernel_one(*args)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    module = native_kernel()
+    if module is None:
+        pytest.skip("no C++ toolchain (or DYCONV_NATIVE=0): the native batch-1 kernel is not built")
+    wrapper = _Counting(module)
+    monkeypatch.setattr(native, "get", lambda: wrapper)
+    return wrapper
+
+
+@pytest.mark.parametrize("name, kwargs, hw", CASES)
+def test_native_kernel_equals_python_path_and_reference(name, kwargs, hw, counted, monkeypatch):
+    op = build_op(name, **kwargs).eval()
+    x = torch.randn(1, kwargs["in_channels"], *hw)
+    for xin in (x, x.to(memory_format=torch.channels_last)):
+        with torch.no_grad():
+            before = counted.calls
+            fast = op(xin)
+            assert counted.calls == before + 1, "the native kernel did not run"
+            with monkeypatch.context() as m:
+                m.setattr(native, "get", lambda: None)
+                slow = op(xin)
+            torch.testing.assert_close(fast, slow, atol=ATOL, rtol=1e-4)
+            torch.testing.assert_close(fast, op.reference_forward(x), atol=ATOL, rtol=1e-4)
+
+
+def test_native_kernel_skips_an_input_it_cannot_read(counted):
+    """A strided view (neither NCHW- nor channels_last-contiguous) goes the Python way, with the same result."""
+    op = build_op("dynamicconv", 6, 6, 3).eval()
+    x = torch.randn(1, 6, 12, 12)[:, :, ::2, ::2]
+    with torch.no_grad():
+        y = op(x)
+    assert counted.calls == 0
+    torch.testing.assert_close(y, op.reference_forward(x.contiguous()), atol=ATOL, rtol=1e-4)
+
+
+def test_native_status_disabled_and_broken_build(monkeypatch, tmp_path):
+    """DYCONV_NATIVE=0 turns it off; an unreadable build warns once, says so in `status()`, and the op still
+    computes the right output through the Python path."""
+    monkeypatch.setattr(native, "_module", native._UNSET)
+    monkeypatch.setenv("DYCONV_NATIVE", "0")
+    assert native.get() is None and native.status() == "off (DYCONV_NATIVE=0)"
+
+    monkeypatch.setattr(native, "_module", native._UNSET)
+    monkeypatch.setenv("DYCONV_NATIVE", "1")
+    monkeypatch.setenv("DYCONV_NATIVE_DIR", str(tmp_path))
+    assert native.get() is None and native.status().startswith("off (not built")
+
+    monkeypatch.setattr(native, "_module", native._UNSET)
+    library = native.build_dir() / f"{native.NAME}.so"
+    library.parent.mkdir(parents=True)
+    library.write_bytes(b"not a shared object")
+    with pytest.warns(UserWarning, match="did not load"):
+        assert native.get() is None
+    assert native.status() == "off (failed to load)"
+    op = build_op("condconv", 4, 4, 3).eval()
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(op(x), op.reference_forward(x), atol=ATOL, rtol=1e-4)
+
+
+def test_build_dir_follows_the_source(monkeypatch, tmp_path):
+    """A changed source gets a new build directory, so an old binary is never loaded for new code."""
+    monkeypatch.setenv("DYCONV_NATIVE_DIR", str(tmp_path))
+    first = native.build_dir()
+    source = tmp_path / "batch_one.cpp"
+    source.write_text(native.SOURCE.read_text() + "\n// changed\n")
+    monkeypatch.setattr(native, "SOURCE", source)
+    assert native.build_dir() != first and native.build_dir().parent == tmp_path
