@@ -43,7 +43,9 @@ At batch 1 without gradients (inference) every op runs the plain conv with the a
 into scratch (`DynamicConvOp._forward_one`). CondConv, DY-Conv and WeightNet compute that kernel with the
 fewest calls their math allows (`kernel_one`): the spatial sum as a (C,) vector, the routing as addmv calls
 with GAP's 1/(H*W) and DY-Conv's 1/tau folded into alpha/beta, the mix as one mv (bank) or mul (rows) into
-the layer's scratch through cached views (`OneViews`). Batch-1 latency is per-call overhead (3-12 us a
+the layer's scratch through cached views (`OneViews`); where the native kernel is built (`native.py`,
+csrc/batch_one.cpp) those steps are one C++ call (`native_kernel_one`), the aten calls stay as its reference
+and fallback. Batch-1 latency is per-call overhead (3-12 us a
 dispatcher call, ~3 us a view, ~2 us an nn.Module attribute lookup here), so the path is judged by the
 fwd b1 column of `dyconv-bench ops` (results/benchmarks/ops_cpu.md) and the b1 latency of the model pages.
 PW_B1: 1x1 layers run as a matmul at batch 1 too; oneDNN's 1x1 conv is slower there (us, 2 threads):
