@@ -6,7 +6,7 @@ this 2-core CPU); the native kernel does the same arithmetic in one call. It is 
 requirement: without a C++ compiler, or with DYCONV_NATIVE=0, the Python path in shared.py runs (and is
 the reference the native kernel is tested against).
 
-Build it with `python -m dyconv_repro.ops.native` (`make install` does; ~45 s, needs g++ and ninja).
+Build it with `dyconv-native` (`make install` does; ~45 s, needs g++ and ninja).
 It is never compiled implicitly in the middle of a run: `get()` only loads an existing build. The build
 lives in DYCONV_NATIVE_DIR (default ~/.cache/dyconv_repro/native) under a tag of the source, torch and
 Python versions, so a changed source or an upgraded torch never loads a stale binary.
@@ -63,7 +63,7 @@ def get():
                 _module = _import(path)
             except (ImportError, OSError) as e:
                 warnings.warn(f"dyconv native kernel at {path} did not load ({e}); using the Python batch-1 path. "
-                              "Rebuild it with `python -m dyconv_repro.ops.native`.", stacklevel=2)
+                              "Rebuild it with `dyconv-native`.", stacklevel=2)
     return _module
 
 
@@ -74,7 +74,7 @@ def status() -> str:
     if get() is not None:
         return "on"
     if not _library().exists():
-        return "off (not built: python -m dyconv_repro.ops.native)"
+        return "off (not built: dyconv-native)"
     return "off (failed to load)"
 
 
@@ -95,7 +95,7 @@ def build(verbose: bool = False):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dyconv_repro.ops.native", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="dyconv-native", description=__doc__.split("\n")[0])
     parser.add_argument("--verbose", action="store_true", help="show the compiler's output")
     parser.add_argument("--status", action="store_true", help="only print whether the kernel is built and used")
     args = parser.parse_args(argv)
