@@ -58,6 +58,14 @@ def native_kernel():
     return module
 
 
+def native_kernel_or_skip():
+    """The native batch-1 kernel; skips the test only on a machine without a C++ toolchain."""
+    module = native_kernel()
+    if module is None:
+        pytest.skip("no C++ toolchain (or DYCONV_NATIVE=0): the native batch-1 kernel is not built")
+    return module
+
+
 @pytest.fixture(params=["python", "native"])
 def batch_one_impl(request, monkeypatch):
     """Run a test once with the Python batch-1 path and once with the native kernel (skipped only on a
@@ -66,6 +74,6 @@ def batch_one_impl(request, monkeypatch):
 
     if request.param == "python":
         monkeypatch.setattr(native, "get", lambda: None)
-    elif native_kernel() is None:
-        pytest.skip("no C++ toolchain (or DYCONV_NATIVE=0): the native batch-1 kernel is not built")
+    else:
+        native_kernel_or_skip()
     return request.param

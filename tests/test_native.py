@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dyconv_repro.ops import build_op, native
-from tests.conftest import native_kernel
+from tests.conftest import native_kernel_or_skip
 
 ATOL = 1e-5
 
@@ -38,10 +38,7 @@ class _Counting:
 
 @pytest.fixture
 def counted(monkeypatch):
-    module = native_kernel()
-    if module is None:
-        pytest.skip("no C++ toolchain (or DYCONV_NATIVE=0): the native batch-1 kernel is not built")
-    wrapper = _Counting(module)
+    wrapper = _Counting(native_kernel_or_skip())
     monkeypatch.setattr(native, "get", lambda: wrapper)
     return wrapper
 

@@ -26,6 +26,7 @@ from dyconv_repro.ops.shared import (
     bank_kernel_one,
     gap,
     init_conv_bank_,
+    inv_area,
     native_kernel_one,
     plain,
     spatial_sum_one,
@@ -100,21 +101,19 @@ class CondConv2d(DynamicConvOp):
         """Batch 1: the router as one addmv on the spatial sum (1/HW as its alpha), one mv mix; under block
         routing the block's routing weights, mixed the same way."""
         params = self._parameters
-        if self._slot is not None:
+        if self._slot is not None:  # the block's routing weights: nothing to pool or route
             coeff = self.block_input()
-            return (native_kernel_one(self, coeff, False, (), ACT_NONE, ACT_NONE, params["weight"], True,
-                                      params.get("bias"))
-                    or bank_kernel_one(self, coeff.view(-1)))
+            one = native_kernel_one(self, coeff, False, (), ACT_NONE, ACT_NONE, params["weight"], True,
+                                    params.get("bias"))
+            return one if one is not None else bank_kernel_one(self, coeff.view(-1))
         router = self._modules["router"]
         if not plain(router, nn.Linear):
             return None
         act = ACT_SIGMOID if self.routing == "sigmoid" else ACT_SOFTMAX
-        h, w = x.shape[-2:]
-        return (native_kernel_one(self, x, True, ((router, 1.0 / (h * w), 1.0),), ACT_NONE, act, params["weight"],
-                                  True, params.get("bias"))
-                or self._python_kernel_one(x, router))
-
-    def _python_kernel_one(self, x: Tensor, router: nn.Linear):
+        one = native_kernel_one(self, x, True, ((router, inv_area(x), 1.0),), ACT_NONE, act, params["weight"],
+                                True, params.get("bias"))
+        if one is not None:
+            return one
         pooled, inv_hw = spatial_sum_one(x)
         return bank_kernel_one(self, _activate(affine_vec(pooled, router, alpha=inv_hw), self.routing))
 

@@ -24,9 +24,9 @@ from dyconv_repro.ops.shared import (
     bank_kernel_one,
     gap,
     init_conv_bank_,
+    inv_area,
     mlp_head,
     native_kernel_one,
-    plain,
     spatial_sum_one,
 )
 
@@ -86,13 +86,12 @@ class DynamicConv2d(DynamicConvOp):
         if self._slot is not None:  # block routing: the pooled block input (already divided by H*W)
             source, pool, inv_hw = self.block_input(), False, 1.0
         else:
-            h, w = x.shape[-2:]
-            source, pool, inv_hw = x, True, 1.0 / (h * w)
-        fc1, act, fc2 = head._modules.values()
-        if plain(fc1, nn.Linear) and plain(act, nn.ReLU) and plain(fc2, nn.Linear):
+            source, pool, inv_hw = x, True, inv_area(x)
+        fcs = head.linears()
+        if fcs is not None:
             params = self._parameters
-            one = native_kernel_one(self, source, pool, ((fc1, inv_hw, 1.0), (fc2, inv_tau, inv_tau)), ACT_RELU,
-                                    ACT_SOFTMAX, params["weight"], True, params.get("bias"))
+            one = native_kernel_one(self, source, pool, ((fcs[0], inv_hw, 1.0), (fcs[1], inv_tau, inv_tau)),
+                                    ACT_RELU, ACT_SOFTMAX, params["weight"], True, params.get("bias"))
             if one is not None:
                 return one
         pooled = spatial_sum_one(x)[0] if pool else source.view(-1)

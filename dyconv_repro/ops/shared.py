@@ -154,16 +154,26 @@ class MLPHead(nn.Sequential):
     as functional calls: at batch 1 the routing is a handful of microsecond ops and three nested module
     calls were a third of it. Children with hooks (or swapped for other types) run the normal way."""
 
-    def forward(self, z: Tensor) -> Tensor:
+    def linears(self) -> tuple[nn.Linear, nn.Linear] | None:
+        """(fc1, fc2) when the children are a plain Linear, ReLU, Linear (so functional calls may replace
+        them); None when one was hooked or swapped."""
         fc1, act, fc2 = self._modules.values()
         if plain(fc1, nn.Linear) and plain(act, nn.ReLU) and plain(fc2, nn.Linear):
+            return fc1, fc2
+        return None
+
+    def forward(self, z: Tensor) -> Tensor:
+        fcs = self.linears()
+        if fcs is not None:
+            fc1, fc2 = fcs
             return F.linear(torch.relu(F.linear(z, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
         return super().forward(z)
 
     def forward_one(self, z: Tensor, in_scale: float, out_scale: float = 1.0) -> Tensor:
         """out_scale * self(in_scale * z) for one pooled vector z (C,), as two addmv calls (scales folded in)."""
-        fc1, act, fc2 = self._modules.values()
-        if plain(fc1, nn.Linear) and plain(act, nn.ReLU) and plain(fc2, nn.Linear):
+        fcs = self.linears()
+        if fcs is not None:
+            fc1, fc2 = fcs
             hidden = affine_vec(z, fc1, alpha=in_scale).relu_()
             return affine_vec(hidden, fc2, alpha=out_scale, beta=out_scale)
         return self(z * in_scale) * out_scale
@@ -185,11 +195,16 @@ def plain(module: nn.Module, *types) -> bool:
     return type(module) in types and not (module._forward_hooks or module._forward_pre_hooks)
 
 
+def inv_area(x: Tensor) -> float:
+    """1 / (H*W) of x: GAP's division, folded into the first routing layer's alpha at batch 1."""
+    h, w = x.shape[-2:]
+    return 1.0 / (h * w)
+
+
 def spatial_sum_one(x: Tensor) -> tuple[Tensor, float]:
     """Batch 1: (x summed over N, H, W as a (C,) vector, 1 / (H*W)) -- GAP with the division left to the
     next addmv; any memory format."""
-    h, w = x.shape[-2:]
-    return x.sum((0, 2, 3)), 1.0 / (h * w)
+    return x.sum((0, 2, 3)), inv_area(x)
 
 
 class OneViews:

@@ -25,6 +25,7 @@ from dyconv_repro.ops.shared import (
     RowMix,
     affine_vec,
     gap,
+    inv_area,
     native_kernel_one,
     one_views,
     plain,
@@ -93,22 +94,20 @@ class WeightNetConv2d(DynamicConvOp):
             return None
         bias = self._parameters.get("bias")
         if self._slot is not None:  # block routing: the block's shared x_gap
-            x_gap = self.block_input()
-            one = native_kernel_one(self, x_gap, False, ((fc1, 1.0, 1.0),), ACT_NONE, ACT_SIGMOID, fc2, False)
-            if one is not None:
-                return one[0], bias
-            x_gap = x_gap.view(-1)
+            source, pool, reduce, layers = self.block_input(), False, None, ((fc1, 1.0, 1.0),)
         else:
             reduce = self._modules["reduce"]
             if not plain(reduce, nn.Linear):
                 return None
-            h, w = x.shape[-2:]
-            one = native_kernel_one(self, x, True, ((reduce, 1.0 / (h * w), 1.0), (fc1, 1.0, 1.0)), ACT_NONE,
-                                    ACT_SIGMOID, fc2, False)
-            if one is not None:
-                return one[0], bias
+            source, pool, layers = x, True, ((reduce, inv_area(x), 1.0), (fc1, 1.0, 1.0))
+        one = native_kernel_one(self, source, pool, layers, ACT_NONE, ACT_SIGMOID, fc2, False)
+        if one is not None:
+            return one[0], bias
+        if pool:
             pooled, inv_hw = spatial_sum_one(x)
             x_gap = affine_vec(pooled, reduce, alpha=inv_hw)
+        else:
+            x_gap = source.view(-1)
         a = affine_vec(x_gap, fc1).sigmoid_()
         views = one_views(self, fc2, fc2.shape[0], bank=False)
         torch.mul(views.src, a, out=views.out)

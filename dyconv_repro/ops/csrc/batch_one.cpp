@@ -88,8 +88,9 @@ std::vector<float> affine(const at::Tensor& weight, const c10::optional<at::Tens
     if (has_bias) at::addmv_out(yt, *bias, w, zt, beta, alpha); else at::mv_out(yt, w, zt).mul_(alpha);
     return y;
   }
+  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();  // held: data_ptr of a temporary would dangle
   const float* pw = w.data_ptr<float>();
-  const float* pb = has_bias ? bias->contiguous().data_ptr<float>() : nullptr;
+  const float* pb = has_bias ? b.data_ptr<float>() : nullptr;
   for (int64_t r = 0; r < o; ++r) {
     y[r] = static_cast<float>(alpha) * dot(pw + r * i, z.data(), i) + (pb ? static_cast<float>(beta) * pb[r] : 0.f);
   }
