@@ -14,7 +14,7 @@ install:  ## create .venv and install the package (editable) with the dev extra
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1" || $(BIN)/pip install -q torch torchvision
 	$(BIN)/pip install -q -e ".[dev]"
-	$(BIN)/dyconv-native || echo "(optional) native batch-1 kernel not built: the Python path is used"
+	$(BIN)/dyconv-native || echo "(optional) native kernels not built: the Python paths are used"
 
 test:  ## fast test suite (what CI runs)
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)

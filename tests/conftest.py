@@ -45,7 +45,7 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 300, env: dict | None = N
 
 
 def native_kernel():
-    """The native batch-1 kernel, built here if `make install` did not (None only without a C++ toolchain)."""
+    """The native kernels, built here if `make install` did not (None only without a C++ toolchain)."""
     import shutil
 
     from dyconv_repro.ops import native
@@ -59,11 +59,39 @@ def native_kernel():
 
 
 def native_kernel_or_skip():
-    """The native batch-1 kernel; skips the test only on a machine without a C++ toolchain."""
+    """The native kernels; skips the test only on a machine without a C++ toolchain."""
     module = native_kernel()
     if module is None:
-        pytest.skip("no C++ toolchain (or DYCONV_NATIVE=0): the native batch-1 kernel is not built")
+        pytest.skip("no C++ toolchain (or DYCONV_NATIVE=0): the native kernels are not built")
     return module
+
+
+class CountingNative:
+    """The native module with the calls of the functions whose names start with `prefix` counted, so that a
+    test knows the native path ran (or did not)."""
+
+    def __init__(self, module, prefix: str):
+        self.module, self.prefix, self.calls = module, prefix, 0
+
+    def __getattr__(self, name):
+        attr = getattr(self.module, name)
+        if not name.startswith(self.prefix):
+            return attr
+
+        def counted(*args):
+            self.calls += 1
+            return attr(*args)
+
+        return counted
+
+
+def count_native_calls(monkeypatch, prefix: str) -> CountingNative:
+    """Route `native.get()` through a CountingNative for this test (skips without a C++ toolchain)."""
+    from dyconv_repro.ops import native
+
+    wrapper = CountingNative(native_kernel_or_skip(), prefix)
+    monkeypatch.setattr(native, "get", lambda: wrapper)
+    return wrapper
 
 
 @pytest.fixture(params=["python", "native"])

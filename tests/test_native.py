@@ -1,4 +1,5 @@
-"""The native batch-1 kernel (csrc/batch_one.cpp) == the Python batch-1 path == the per-sample reference."""
+"""The native batch-1 kernel (csrc/batch_one.cpp) == the Python batch-1 path == the per-sample reference;
+the loader (native.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from dyconv_repro.ops import build_op, native
-from tests.conftest import native_kernel_or_skip
+from tests.conftest import count_native_calls
 
 ATOL = 1e-5
 
@@ -25,22 +26,9 @@ CASES = [
 ]
 
 
-class _Counting:
-    """Wraps the native module and counts its calls, so a test knows the native path ran."""
-
-    def __init__(self, module):
-        self.module, self.calls = module, 0
-
-    def kernel_one(self, *args):
-        self.calls += 1
-        return self.module.kernel_one(*args)
-
-
 @pytest.fixture
 def counted(monkeypatch):
-    wrapper = _Counting(native_kernel_or_skip())
-    monkeypatch.setattr(native, "get", lambda: wrapper)
-    return wrapper
+    return count_native_calls(monkeypatch, "kernel_one")
 
 
 @pytest.mark.parametrize("name, kwargs, hw", CASES)
@@ -98,7 +86,52 @@ def test_build_dir_follows_the_source(monkeypatch, tmp_path):
     """A changed source gets a new build directory, so an old binary is never loaded for new code."""
     monkeypatch.setenv("DYCONV_NATIVE_DIR", str(tmp_path))
     first = native.build_dir()
-    source = tmp_path / "batch_one.cpp"
-    source.write_text(native.SOURCE.read_text() + "\n// changed\n")
-    monkeypatch.setattr(native, "SOURCE", source)
-    assert native.build_dir() != first and native.build_dir().parent == tmp_path
+    for original in native.SOURCES + native.HEADERS:
+        changed = tmp_path / original.name
+        changed.write_text(original.read_text() + "\n// changed\n")
+        attr = "SOURCES" if original in native.SOURCES else "HEADERS"
+        with monkeypatch.context() as m:
+            m.setattr(native, attr, [changed if f == original else f for f in getattr(native, attr)])
+            assert native.build_dir() != first and native.build_dir().parent == tmp_path, original.name
+    assert native.build_dir() == first
+
+
+@pytest.mark.parametrize("rows, k, n", [(1, 1, 5), (3, 4, 2048), (5, 6, 4099), (2, 9, 20000), (32, 4, 9216)])
+def test_native_bank_mix_equals_mm(rows, k, n, monkeypatch):
+    """The training mix (csrc/mix.cpp) == torch.mm, for K off and on its 4-kernel passes and n off its blocks."""
+    counted = count_native_calls(monkeypatch, "bank_mix_batch")
+    coeff, bank = torch.rand(rows, k), torch.randn(k, n)
+    out = torch.full((rows, n), float("nan"))
+    counted.bank_mix_batch(coeff, bank, out)
+    torch.testing.assert_close(out, coeff @ bank, atol=1e-5, rtol=1e-5)
+
+
+def test_aggregate_uses_the_native_mix_and_its_gradients_are_mm_s(monkeypatch):
+    """aggregate() of a big bank runs the native mix (a small one stays mm); values and gradients == mm."""
+    from dyconv_repro.ops.shared import NATIVE_MIX_MIN, aggregate
+
+    counted = count_native_calls(monkeypatch, "bank_mix_batch")
+    for entries, native_calls in ((NATIVE_MIX_MIN, 1), (NATIVE_MIX_MIN - 1, 0)):
+        counted.calls = 0
+        coeff = torch.rand(3, 4, requires_grad=True)
+        bank = torch.randn(4, entries, 1, 1, requires_grad=True)
+        y = aggregate(coeff, bank)
+        gy = torch.randn_like(y)
+        got = (y, *torch.autograd.grad(y, (coeff, bank), gy))
+        y_ref = torch.mm(coeff, bank.reshape(4, -1)).reshape_as(y)
+        want = (y_ref, *torch.autograd.grad(y_ref, (coeff, bank), gy))
+        assert counted.calls == native_calls
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_forward_never_runs_native_code(monkeypatch):
+    """The per-sample reference is aten only (`native.suspended()`), so fast == reference checks native code
+    against something else; the fast path of the same op does use it."""
+    counted = count_native_calls(monkeypatch, "")
+    op = build_op("dynamicconv", 64, 64, 3).train()  # 64*64*9 kernel entries: the native mix
+    x = torch.randn(2, 64, 5, 5)
+    op.reference_forward(x)
+    assert counted.calls == 0
+    op(x)
+    assert counted.calls > 0

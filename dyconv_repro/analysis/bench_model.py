@@ -676,7 +676,7 @@ def page(rows: list[dict], meta: dict, checks: list[dict], name: str) -> str:
         f"- hardware: {hw['cpu']} ({hw['logical_cpus']} logical CPUs, {hw['cpus_available']} available)"
         + (f", GPU {hw['gpu']}" if hw.get("gpu") and s["device"].startswith("cuda") else ""),
         f"- software: torch {hw['torch']}, timm {hw.get('timm', '?')}, Python {hw['python']}, {hw['platform']}; "
-        f"native batch-1 kernel {hw.get('native_batch_one', 'not recorded')}",
+        f"native kernels {hw.get('native_batch_one', 'not recorded')}",
         f"- device {s['device']}, threads {s['threads']}, amp {s['amp'] or 'off'}, channels_last "
         f"{s['channels_last']}, compile {s['compile']}",
         f"- training batch {s['train_batch']} (SGD momentum 0.9, cross-entropy), inference batch 1 and "
@@ -801,7 +801,7 @@ def run_model(args) -> dict:
         raise UserError("--readme needs --write-page (the summary is rendered from the pages)")
     cases = plan_cases(args.models, args.ops, list(args.overrides), args.image_size, args.num_classes, args.peers)
     print(f"benchmarking {len(cases)} models on {s.device} (threads={s.threads}, train batch {s.train_batch}, "
-          f"infer batch 1/{s.infer_batch}, {s.repeats} rounds, torch {torch.__version__}, native batch-1 kernel "
+          f"infer batch 1/{s.infer_batch}, {s.repeats} rounds, torch {torch.__version__}, native kernels "
           f"{native.status()}, load {_load():.2f})",
           flush=True)
     t0 = time.time()

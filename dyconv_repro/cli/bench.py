@@ -44,7 +44,7 @@ def _run_ops(args) -> None:
     rows = []
     for dev in devices:
         print(f"benchmarking on {dev} (threads={args.threads}, batch 1 and {batch}, repeats={repeats}, "
-              f"torch {torch.__version__}, native batch-1 kernel {native.status()})", flush=True)
+              f"torch {torch.__version__}, native kernels {native.status()})", flush=True)
         rows += bench_ops.run(dev, args.threads, repeats, batch, shapes, args.ops, tuple(args.formats),
                               min_block_s=0.02 if args.quick else 0.05)
     print()
@@ -76,7 +76,7 @@ def write_ops_page(path: str, summary: str) -> None:
         f"- hardware: {hw['cpu']} ({hw['logical_cpus']} logical CPUs, {hw['cpus_available']} available)"
         + (f", GPU {hw['gpu']}" if "gpu" in hw else ""),
         f"- software: torch {hw['torch']}, timm {hw.get('timm', '-')}, Python {hw['python']}, {hw['platform']}; "
-        f"native batch-1 kernel {hw['native_batch_one']}",
+        f"native kernels {hw['native_batch_one']}",
         "- ratio = op time / floor; floor = the faster of nn.Conv2d NCHW and channels_last for that layer, "
         "measured in the same run; every op is timed in both formats and its faster one is reported", "",
         "```", summary.rstrip(), "```", ""])

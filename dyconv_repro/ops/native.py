@@ -1,10 +1,13 @@
-"""The optional C++ batch-1 kernel (csrc/batch_one.cpp): built once, loaded when present.
+"""The optional C++ kernels (csrc/): built once, loaded when present.
 
-At batch 1 a dynamic layer's pooling, routing and kernel mix are 5-7 tiny aten calls whose dispatch,
-allocation and thread-pool wake-ups cost more than their arithmetic (40-60 % of a CIFAR-size conv on
-this 2-core CPU); the native kernel does the same arithmetic in one call. It is an accelerator, never a
-requirement: without a C++ compiler, or with DYCONV_NATIVE=0, the Python path in shared.py runs (and is
-the reference the native kernel is tested against).
+* batch_one.cpp: at batch 1 a dynamic layer's pooling, routing and kernel mix are 5-7 tiny aten calls whose
+  dispatch, allocation and thread-pool wake-ups cost more than their arithmetic (40-60 % of a CIFAR-size
+  conv on this 2-core CPU); the native kernel does the same arithmetic in one call.
+* depthwise.cpp: the per-sample depthwise conv in channels_last (forward and both gradients); aten only
+  has it as a grouped conv in NCHW, 2-2.5x slower than the static channels_last depthwise conv.
+
+They are accelerators, never a requirement: without a C++ compiler, or with DYCONV_NATIVE=0, the Python
+paths in shared.py run (and are the references the native kernels are tested against).
 
 Build it with `dyconv-native` (`make install` does; ~45 s, needs g++ and ninja).
 It is never compiled implicitly in the middle of a run: `get()` only loads an existing build. The build
@@ -19,13 +22,17 @@ import hashlib
 import importlib.util
 import os
 import sys
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-NAME = "dyconv_batch_one"
-SOURCE = Path(__file__).with_name("csrc") / "batch_one.cpp"
+NAME = "dyconv_native"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / "module.cpp", CSRC / "batch_one.cpp", CSRC / "depthwise.cpp", CSRC / "mix.cpp"]
+HEADERS = [CSRC / "native.h"]
 _UNSET = object()
 _module = _UNSET
 
@@ -33,7 +40,10 @@ _module = _UNSET
 def build_dir() -> Path:
     """Where this source, torch and Python's build lives."""
     root = Path(os.environ.get("DYCONV_NATIVE_DIR") or Path.home() / ".cache" / "dyconv_repro" / "native")
-    tag = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(torch.__version__.encode() + sys.version.encode())
+    for f in SOURCES + HEADERS:
+        digest.update(f.read_bytes())
+    tag = digest.hexdigest()[:16]
     return root / tag
 
 
@@ -62,13 +72,32 @@ def get():
             try:
                 _module = _import(path)
             except (ImportError, OSError) as e:
-                warnings.warn(f"dyconv native kernel at {path} did not load ({e}); using the Python batch-1 path. "
+                warnings.warn(f"dyconv native kernels at {path} did not load ({e}); using the Python paths. "
                               "Rebuild it with `dyconv-native`.", stacklevel=2)
     return _module
 
 
+_SUSPENDED = threading.local()
+
+
+@contextmanager
+def suspended():
+    """Within the block the ops run their aten paths only: the references the native kernels are tested
+    against (`DynamicConvOp.reference_forward`) never share code with what they check."""
+    depth = getattr(_SUSPENDED, "depth", 0)
+    _SUSPENDED.depth = depth + 1
+    try:
+        yield
+    finally:
+        _SUSPENDED.depth = depth
+
+
+def is_suspended() -> bool:
+    return getattr(_SUSPENDED, "depth", 0) > 0
+
+
 def status() -> str:
-    """One line for benchmark pages and logs: is the native batch-1 kernel in use, and if not, why."""
+    """One line for benchmark pages and logs: are the native kernels in use, and if not, why."""
     if disabled():
         return "off (DYCONV_NATIVE=0)"
     if get() is not None:
@@ -88,7 +117,7 @@ def build(verbose: bool = False):
 
     out = build_dir()
     out.mkdir(parents=True, exist_ok=True)
-    module = load(name=NAME, sources=[str(SOURCE)], build_directory=str(out), extra_cflags=["-O3", "-fopenmp"],
+    module = load(name=NAME, sources=[str(f) for f in SOURCES], build_directory=str(out), extra_cflags=["-O3", "-fopenmp"],
                   extra_ldflags=["-fopenmp"], verbose=verbose)  # -fopenmp: at::parallel_for on torch's own libgomp
     _module = None if disabled() else module
     return module
@@ -103,9 +132,9 @@ def main(argv=None) -> int:
         try:
             build(args.verbose)
         except Exception as e:  # the toolchain's own error (no compiler, no ninja, ...): say so, keep the Python path
-            print(f"native batch-1 kernel not built: {e}\nThe Python batch-1 path will be used.", file=sys.stderr)
+            print(f"native kernels not built: {e}\nThe Python paths will be used.", file=sys.stderr)
             return 1
-    print(f"native batch-1 kernel: {status()} ({_library()})")
+    print(f"native kernels: {status()} ({_library()})")
     return 0
 
 

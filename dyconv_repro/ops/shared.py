@@ -24,6 +24,16 @@ the regime (measured with scripts/time_dynamic_paths.py on the 2-thread CPU):
                  3x3 16@32^2 (CIFAR) 1.31 | 1.30   7.05 | 3.69   <- small convs: per-sample calls are slow
                  3x3 32@16^2         1.43 | 1.40   6.02 | 2.93
                  3x3 64@8^2          2.12 | 2.13   4.95 | 3.46
+* ``depthwise``: depthwise kernels (groups = C_in = C_out) on a channels_last CPU fp32 input, when the native
+               kernels are built (csrc/depthwise.cpp): forward and both gradients with the channel axis
+               innermost, one vectorized multiply-add per tap. aten has the per-sample depthwise conv only
+               as the fold's grouped conv, and oneDNN runs that in NCHW, where a depthwise conv is 2-2.5x
+               slower than in channels_last. Conv alone, fwd+bwd, batch 64, 2 threads (ms; interleaved):
+                 layer            static NCHW  static CL   fold (NCHW)  loop (NCHW)  depthwise (CL)
+                 dw3x3 576@14^2   53-60        30-40       44-60        68           41-47
+                 dw3x3 144@56^2   343          167-218     339          263          170-187
+               NCHW inputs keep fold/loop: converting them to channels_last and back cost more than it saved
+               on 56^2 maps (dynamicconv 144@56^2: 407 ms vs 333 ms by loop).
 * ``stream`` : ops whose kernel is a linear mix of parameters (`kernel_factors`: CondConv, DY-Conv,
                WeightNet) regenerate the per-sample kernels chunk by chunk into a reused per-thread
                scratch buffer, in forward and again in backward (hand-written mix gradients; the chunk
@@ -39,6 +49,9 @@ the regime (measured with scripts/time_dynamic_paths.py on the 2-thread CPU):
                  3x3 512@7^2    3.60   2.14                    4.72  2.51
                On small kernels it does not pay (CIFAR 3x3 16@32^2: fold 1.15, stream 1.71): there the
                grouped conv's own buffers, not the kernel, fault.
+The bank mix W = coeff @ bank (CondConv, DY-Conv; kernels of >= NATIVE_MIX_MIN entries) runs as the native
+one-pass mix where built (csrc/mix.cpp, about 2x MKL's skinny (B, 4) @ (4, n) product); its gradients stay mm.
+Native code is suspended inside `reference_forward`, so the references are aten only.
 At batch 1 without gradients (inference) every op runs the plain conv with the aggregated kernel written
 into scratch (`DynamicConvOp._forward_one`). CondConv, DY-Conv and WeightNet compute that kernel with the
 fewest calls their math allows (`kernel_one`): the spatial sum as a (C,) vector, the routing as addmv calls
@@ -67,7 +80,7 @@ from torch.autograd.function import once_differentiable
 from dyconv_repro.ops import native
 from dyconv_repro.ops.base import ConvOp
 
-PATHS = ("auto", "fold", "matmul", "loop", "stream")
+PATHS = ("auto", "fold", "matmul", "loop", "depthwise", "stream")
 
 
 class _GlobalAvgPool(torch.autograd.Function):
@@ -143,10 +156,56 @@ def gap(x: Tensor) -> Tensor:
     return x.mean(dim=(2, 3))
 
 
+def _native():
+    """The native module, unless a reference computation suspended it (`native.suspended()`)."""
+    return None if native.is_suspended() else native.get()
+
+
+def _no_dispatch_mode() -> bool:
+    """No TorchDispatchMode (FlopCounterMode, ...) is active: those must see the aten ops, not native calls."""
+    return not torch._C._len_torch_dispatch_stack()
+
+
+NATIVE_MIX_MIN = 1 << 13  # kernel entries a sample from which the native mix beats mm plus its Python call
+
+
+def native_mix_ready(coeff: Tensor, bank2d: Tensor):
+    """The native module if it can compute coeff @ bank2d here (CPU fp32, no autocast, no dispatch mode)."""
+    kernel = _native()
+    if (kernel is None or not hasattr(kernel, "bank_mix_batch") or coeff.device.type != "cpu"
+            or coeff.dtype != torch.float32 or bank2d.dtype != torch.float32 or not bank2d.is_contiguous()
+            or torch.is_autocast_enabled("cpu") or not _no_dispatch_mode() or torch.compiler.is_compiling()):
+        return None
+    return kernel
+
+
+class _NativeBankMix(torch.autograd.Function):
+    """coeff (B, K) @ bank (K, n) by the native one-pass mix (csrc/mix.cpp); gradients as aten products."""
+
+    @staticmethod
+    def forward(ctx, coeff, bank2d, kernel):
+        coeff = coeff.contiguous()
+        out = coeff.new_empty(coeff.shape[0], bank2d.shape[1])
+        kernel.bank_mix_batch(coeff, bank2d, out)
+        ctx.save_for_backward(coeff, bank2d)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        coeff, bank2d = ctx.saved_tensors
+        gcoeff = torch.mm(g, bank2d.t()) if ctx.needs_input_grad[0] else None
+        gbank = torch.mm(coeff.t(), g) if ctx.needs_input_grad[1] else None
+        return gcoeff, gbank, None
+
+
 def aggregate(coeff: Tensor, bank: Tensor) -> Tensor:
     """Mix a bank of K tensors (K, *shape) with per-sample coefficients (B, K) -> (B, *shape)."""
     k = bank.shape[0]
-    return torch.mm(coeff, bank.reshape(k, -1)).reshape(coeff.shape[0], *bank.shape[1:])
+    flat = bank.reshape(k, -1)
+    kernel = native_mix_ready(coeff, flat) if flat.shape[1] >= NATIVE_MIX_MIN else None
+    mixed = torch.mm(coeff, flat) if kernel is None else _NativeBankMix.apply(coeff, flat, kernel)
+    return mixed.reshape(coeff.shape[0], *bank.shape[1:])
 
 
 class MLPHead(nn.Sequential):
@@ -258,9 +317,8 @@ def native_kernel_one(op: nn.Module, source: Tensor, pool: bool, layers, inner: 
     sum is taken there), else the routing input vector; `layers` are (linear, alpha, beta) routing layers
     (z <- alpha * W z + beta * b) with `inner` between them and `final` after the last; the coefficients mix
     `param` as a bank of K kernels (`bank`) or scale its rows (WeightNet)."""
-    kernel = native.get()
-    if (kernel is None or not (source.is_contiguous() or _is_channels_last(source))
-            or torch._C._len_torch_dispatch_stack()):  # a dispatch mode (FlopCounterMode, ...) must see the aten ops
+    kernel = _native()
+    if kernel is None or not (source.is_contiguous() or _is_channels_last(source)) or not _no_dispatch_mode():
         return None
     weights, biases, alphas, betas = [], [], [], []
     for linear, alpha, beta in layers:
@@ -307,6 +365,19 @@ def is_pointwise(kernel_size, padding, groups: int) -> bool:
     return tuple(kernel_size) == (1, 1) and tuple(padding) == (0, 0) and groups == 1
 
 
+def is_depthwise(x: Tensor, weight: Tensor, groups: int) -> bool:
+    """One input channel per group, one output channel per input channel (no channel multiplier)."""
+    return groups > 1 and groups == x.shape[1] == weight.shape[1] and weight.shape[2] == 1
+
+
+def native_depthwise_ready(x: Tensor, weight: Tensor) -> bool:
+    """The native channels_last depthwise kernel can run this call (built, CPU fp32, no dispatch mode)."""
+    kernel = _native()
+    return (kernel is not None and hasattr(kernel, "depthwise_forward") and x.device.type == "cpu"
+            and x.dtype == weight.dtype == torch.float32 and _is_channels_last(x) and _no_dispatch_mode()
+            and not torch.compiler.is_compiling())
+
+
 def select_path(x: Tensor, weight: Tensor, stride, padding, groups: int) -> str:
     """The fast path for this regime (see module docstring for the measurements behind it)."""
     b = x.shape[0]
@@ -317,7 +388,9 @@ def select_path(x: Tensor, weight: Tensor, stride, padding, groups: int) -> str:
     kh, kw = weight.shape[-2:]
     h_out = (x.shape[-2] + 2 * padding[0] - kh) // stride[0] + 1
     w_out = (x.shape[-1] + 2 * padding[1] - kw) // stride[1] + 1
-    if groups > 1 and groups == x.shape[1] and weight.shape[2] == 1:  # depthwise
+    if is_depthwise(x, weight, groups):
+        if native_depthwise_ready(x, weight):
+            return "depthwise"
         return "loop" if h_out * w_out >= LOOP_MIN_DW_PIXELS else "fold"
     macs = weight[0].numel() * h_out * w_out
     return "loop" if macs >= LOOP_MIN_MACS else "fold"
@@ -391,6 +464,43 @@ def loop_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding,
     return torch.cat(outs, 0)
 
 
+class _NativeDepthwise(torch.autograd.Function):
+    """Per-sample depthwise conv by the native channels_last kernel (csrc/depthwise.cpp), with its gradients."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation):
+        b, c, _, kh, kw = weight.shape
+        kernels = weight.reshape(b, c, kh * kw).transpose(1, 2).contiguous()  # (B, taps, C): channels innermost
+        ctx.save_for_backward(x, kernels)
+        ctx.geometry, ctx.has_bias = (kh, kw, stride, padding, dilation), bias is not None
+        return native.get().depthwise_forward(x, kernels, bias, kh, kw, stride, padding, dilation)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        x, kernels = ctx.saved_tensors
+        kh, kw, stride, padding, dilation = ctx.geometry
+        kernel = native.get()
+        gy = gy.contiguous(memory_format=torch.channels_last)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = kernel.depthwise_input_grad(gy, kernels, x.shape[2], x.shape[3], kh, kw, stride, padding, dilation)
+        if ctx.needs_input_grad[1]:
+            gw = kernel.depthwise_kernel_grad(gy, x, kh, kw, stride, padding, dilation)
+            gw = gw.transpose(1, 2).reshape(x.shape[0], x.shape[1], 1, kh, kw)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy.sum((2, 3))
+        return gx, gw, gb, None, None, None
+
+
+def native_depthwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation) -> Tensor:
+    """Per-sample depthwise conv of a channels_last x with weight (B, C, 1, kh, kw); output channels_last."""
+    if not is_depthwise(x, weight, x.shape[1]) or not native_depthwise_ready(x, weight):
+        raise ValueError("the depthwise path needs a depthwise kernel (B, C, 1, kh, kw), a channels_last float32 CPU "
+                         f"input and the native kernels built (`dyconv-native`; now: {native.status()})")
+    return _NativeDepthwise.apply(x, weight, bias, tuple(stride), tuple(padding), tuple(dilation))
+
+
 def dynamic_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int,
                    path: str = "auto") -> Tensor:
     """Convolve sample i of x with weight[i] (+ bias[i]); `path` forces an implementation (tests)."""
@@ -404,6 +514,10 @@ def dynamic_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, paddi
         return fold_conv2d(x, weight, bias, stride, padding, dilation, groups)
     if path == "loop":
         return loop_conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if path == "depthwise":
+        if groups != x.shape[1]:
+            raise ValueError(f"the depthwise path needs groups == in_channels ({x.shape[1]}), got {groups}")
+        return native_depthwise_conv2d(x, weight, bias, stride, padding, dilation)
     if path == "stream":
         raise ValueError("the stream path generates the kernels itself: it needs an op with kernel_factors()")
     raise ValueError(f"unknown dynamic conv path {path!r}; valid: {', '.join(PATHS)}")
@@ -455,7 +569,12 @@ class BankMix:
 
     @staticmethod
     def make(coeff: Tensor, param: Tensor, out: Tensor) -> Tensor:
-        return torch.mm(coeff, param.reshape(param.shape[0], -1), out=out)
+        flat = param.reshape(param.shape[0], -1)
+        kernel = native_mix_ready(coeff, flat)
+        if kernel is None:
+            return torch.mm(coeff, flat, out=out)
+        kernel.bank_mix_batch(coeff.contiguous(), flat, out)
+        return out
 
     @staticmethod
     def backward(coeff: Tensor, param: Tensor, gw: Tensor, gparam: Tensor) -> Tensor:
@@ -670,8 +789,9 @@ class DynamicConvOp(ConvOp):
         return dynamic_conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups, path)
 
     def reference_forward(self, x: Tensor) -> Tensor:
-        """Slow reference: the same per-sample kernels applied one sample at a time."""
-        weight, bias = self.kernel(x)
+        """Slow reference: the same per-sample kernels (aten only) applied one sample at a time."""
+        with native.suspended():
+            weight, bias = self.kernel(x)
         return loop_conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     # --- block routing protocol (see dyconv_repro/ops/routing.py) ---

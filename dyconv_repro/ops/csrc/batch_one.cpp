@@ -5,7 +5,7 @@
 // on CIFAR/MobileNet-size layers that overhead was 40-60 % of the conv. Here the same arithmetic runs as
 // plain loops on small tensors and goes parallel only where the work pays for the wake-up.
 // The Python path (dyconv_repro/ops/shared.py, `kernel_one`) is the reference this is tested against.
-#include <torch/extension.h>
+#include "native.h"
 
 #include <algorithm>
 #include <cmath>
@@ -17,26 +17,6 @@ namespace {
 constexpr int64_t kPoolParallel = 1 << 16;  // input entries from which pooling is left to aten's parallel sum
 constexpr int64_t kMixParallel = 1 << 16;   // mix entries (K * kernel) from which the mix is split over threads
 constexpr int64_t kMatvecAten = 1 << 14;    // routing multiply-adds from which MKL's addmv beats the plain loop
-constexpr int64_t kBlock = 2048;            // mix block: the output stays in L1 while the K sources stream in
-
-// The hot loops are compiled for AVX2/FMA and for baseline x86-64, chosen at load time (GCC's ifunc), so one
-// binary runs everywhere and uses the vector units where they exist (2.5x on the mix, measured).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DYCONV_HOT __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define DYCONV_HOT
-#endif
-
-DYCONV_HOT float dot(const float* a, const float* b, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
-  float s = 0;
-  for (; i < n; ++i) s += a[i] * b[i];
-  for (int j = 0; j < 8; ++j) s += acc[j];
-  return s;
-}
 
 DYCONV_HOT float sum(const float* a, int64_t n) {
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -112,49 +92,12 @@ void activate(std::vector<float>& v, int64_t kind) {  // 0 none, 1 relu, 2 sigmo
   }
 }
 
-// o[i] (+)= sum_g c[g] * p[g][i] over G sources in one pass (G fixed: the g loop unrolls, the i loop vectorizes).
-template <int G, bool Accumulate>
-inline __attribute__((always_inline)) void mix_sources(const float* const* p, const float* c, int64_t len, float* o) {
-  for (int64_t i = 0; i < len; ++i) {
-    float v = c[0] * p[0][i];
-    for (int g = 1; g < G; ++g) v += c[g] * p[g][i];
-    o[i] = Accumulate ? o[i] + v : v;
-  }
-}
-
-template <bool Accumulate>
-inline __attribute__((always_inline)) void mix_group(const float* const* p, const float* c, int g, int64_t len,
-                                                     float* o) {
-  switch (g) {
-    case 1: mix_sources<1, Accumulate>(p, c, len, o); break;
-    case 2: mix_sources<2, Accumulate>(p, c, len, o); break;
-    case 3: mix_sources<3, Accumulate>(p, c, len, o); break;
-    default: mix_sources<4, Accumulate>(p, c, len, o); break;
-  }
-}
-
-// out[lo:hi] = sum_k coeff[k] * bank[k, lo:hi]; bank (K, n) contiguous. Four kernels per pass over an
-// L1-sized block of the output: one store per entry for K <= 4 (K = 4 is DY-Conv's default).
-DYCONV_HOT void bank_mix_range(const float* bank, const float* coeff, int64_t k, int64_t n, int64_t lo, int64_t hi,
-                               float* out) {
-  for (int64_t s = lo; s < hi; s += kBlock) {
-    const int64_t len = std::min(hi, s + kBlock) - s;
-    for (int64_t j = 0; j < k; j += 4) {
-      const int g = static_cast<int>(std::min<int64_t>(4, k - j));
-      const float* p[4];
-      for (int q = 0; q < g; ++q) p[q] = bank + (j + q) * n + s;
-      if (j == 0) mix_group<false>(p, coeff + j, g, len, out + s);
-      else mix_group<true>(p, coeff + j, g, len, out + s);
-    }
-  }
-}
-
 void bank_mix(const float* bank, const std::vector<float>& coeff, int64_t n, float* out) {
   const int64_t k = static_cast<int64_t>(coeff.size());
   auto body = [&](int64_t lo, int64_t hi) { bank_mix_range(bank, coeff.data(), k, n, lo, hi, out); };
   if (n * k >= kMixParallel) {
     const int64_t per = (n + at::get_num_threads() - 1) / at::get_num_threads();
-    at::parallel_for(0, n, std::max<int64_t>(per, kBlock), body);
+    at::parallel_for(0, n, std::max<int64_t>(per, kMixBlock), body);
   } else {
     body(0, n);
   }
@@ -213,8 +156,4 @@ c10::optional<at::Tensor> kernel_one(const at::Tensor& source, bool pool, const 
   if (!bias_bank.has_value() || !bias_bank->defined()) return c10::nullopt;
   auto coeff = at::from_blob(z.data(), {rows}, p.options());
   return at::mv(bias_bank->t(), coeff);
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("kernel_one", &kernel_one, "batch-1 routed kernel: pool, routing head, mix (see batch_one.cpp)");
 }

@@ -1,0 +1,10 @@
+// The Python module of the native kernels (loaded by dyconv_repro/ops/native.py).
+#include "native.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("kernel_one", &kernel_one, "batch-1 routed kernel: pool, routing head, mix (see batch_one.cpp)");
+  m.def("bank_mix_batch", &bank_mix_batch, "out = coeff @ bank for a training batch (see mix.cpp)");
+  m.def("depthwise_forward", &depthwise_forward, "per-sample depthwise conv, channels_last (see depthwise.cpp)");
+  m.def("depthwise_input_grad", &depthwise_input_grad, "its input gradient");
+  m.def("depthwise_kernel_grad", &depthwise_kernel_grad, "its per-sample kernel gradient");
+}
