@@ -388,8 +388,8 @@ def select_path(x: Tensor, weight: Tensor, stride, padding, groups: int) -> str:
     kh, kw = weight.shape[-2:]
     h_out = (x.shape[-2] + 2 * padding[0] - kh) // stride[0] + 1
     w_out = (x.shape[-1] + 2 * padding[1] - kw) // stride[1] + 1
-    if is_depthwise(x, weight, groups):
-        if native_depthwise_ready(x, weight):
+    if groups > 1 and groups == x.shape[1] and weight.shape[2] == 1:  # depthwise, any channel multiplier
+        if is_depthwise(x, weight, groups) and native_depthwise_ready(x, weight):
             return "depthwise"
         return "loop" if h_out * w_out >= LOOP_MIN_DW_PIXELS else "fold"
     macs = weight[0].numel() * h_out * w_out
