@@ -9,7 +9,7 @@
 They are accelerators, never a requirement: without a C++ compiler, or with DYCONV_NATIVE=0, the Python
 paths in shared.py run (and are the references the native kernels are tested against).
 
-Build it with `dyconv-native` (`make install` does; ~45 s, needs g++ and ninja).
+Build it with `dyconv-native` (`make install` does; ~2 min, needs g++ and ninja).
 It is never compiled implicitly in the middle of a run: `get()` only loads an existing build. The build
 lives in DYCONV_NATIVE_DIR (default ~/.cache/dyconv_repro/native) under a tag of the source, torch and
 Python versions, so a changed source or an upgraded torch never loads a stale binary.

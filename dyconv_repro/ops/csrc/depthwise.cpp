@@ -45,6 +45,19 @@ DYCONV_HOT void fma_row(const float* a, const float* b, int64_t n, float* o) {
   for (int64_t c = 0; c < n; ++c) o[c] += a[c] * b[c];
 }
 
+// f(tap, hi, wi) for every tap of output pixel (ho, wo) that lands inside the input (padding taps skipped).
+template <typename F>
+inline __attribute__((always_inline)) void for_each_input_tap(const Geometry& g, int64_t ho, int64_t wo, F&& f) {
+  for (int64_t i = 0; i < g.kh; ++i) {
+    const int64_t hi = ho * g.sh - g.ph + i * g.dh;
+    if (hi < 0 || hi >= g.h) continue;
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const int64_t wi = wo * g.sw - g.pw + j * g.dw;
+      if (wi >= 0 && wi < g.w) f(i * g.kw + j, hi, wi);
+    }
+  }
+}
+
 // One output row y[b, ho, :, :]. (Register-blocking the taps measured slower: the loop is bound by memory.)
 DYCONV_HOT void forward_row(const Geometry& g, const float* x, const float* k, const float* bias, int64_t b,
                             int64_t ho, float* y) {
@@ -52,15 +65,9 @@ DYCONV_HOT void forward_row(const Geometry& g, const float* x, const float* k, c
   for (int64_t wo = 0; wo < g.wo; ++wo) {
     float* out = y + ((b * g.ho + ho) * g.wo + wo) * c;
     if (bias) std::memcpy(out, bias + b * c, c * sizeof(float)); else std::memset(out, 0, c * sizeof(float));
-    for (int64_t i = 0; i < g.kh; ++i) {
-      const int64_t hi = ho * g.sh - g.ph + i * g.dh;
-      if (hi < 0 || hi >= g.h) continue;
-      for (int64_t j = 0; j < g.kw; ++j) {
-        const int64_t wi = wo * g.sw - g.pw + j * g.dw;
-        if (wi < 0 || wi >= g.w) continue;
-        fma_row(x + ((b * g.h + hi) * g.w + wi) * c, k + ((b * g.kh + i) * g.kw + j) * c, c, out);
-      }
-    }
+    for_each_input_tap(g, ho, wo, [&](int64_t tap, int64_t hi, int64_t wi) {
+      fma_row(x + ((b * g.h + hi) * g.w + wi) * c, k + (b * g.kh * g.kw + tap) * c, c, out);
+    });
   }
 }
 
@@ -93,15 +100,9 @@ DYCONV_HOT void kernel_grad_block(const Geometry& g, const float* gy, const floa
   for (int64_t ho = 0; ho < g.ho; ++ho) {
     for (int64_t wo = 0; wo < g.wo; ++wo) {
       const float* grad = gy + ((b * g.ho + ho) * g.wo + wo) * c + c0;
-      for (int64_t i = 0; i < g.kh; ++i) {
-        const int64_t hi = ho * g.sh - g.ph + i * g.dh;
-        if (hi < 0 || hi >= g.h) continue;
-        for (int64_t j = 0; j < g.kw; ++j) {
-          const int64_t wi = wo * g.sw - g.pw + j * g.dw;
-          if (wi < 0 || wi >= g.w) continue;
-          fma_row(grad, x + ((b * g.h + hi) * g.w + wi) * c + c0, n, acc + (i * g.kw + j) * n);
-        }
-      }
+      for_each_input_tap(g, ho, wo, [&](int64_t tap, int64_t hi, int64_t wi) {
+        fma_row(grad, x + ((b * g.h + hi) * g.w + wi) * c + c0, n, acc + tap * n);
+      });
     }
   }
 }
