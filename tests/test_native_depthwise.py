@@ -82,7 +82,7 @@ def test_depthwise_ops_pick_the_native_path_for_channels_last_input(name, counte
 
 def test_depthwise_path_refuses_what_it_cannot_run(counted):
     """Forced on an NCHW input or a non-depthwise kernel it says why; under a dispatch mode (FlopCounterMode
-    counting MAdds) auto keeps the aten conv so that the count sees it."""
+    counting MAdds) auto keeps the aten conv so that the count sees it, and under CPU autocast too."""
     w = torch.randn(2, 6, 1, 3, 3)
     with pytest.raises(ValueError, match="channels_last"):
         dynamic_conv2d(torch.randn(2, 6, 5, 5), w, None, (1, 1), (1, 1), (1, 1), 6, path="depthwise")
@@ -94,3 +94,5 @@ def test_depthwise_path_refuses_what_it_cannot_run(counted):
         assert select_path(x, w, (1, 1), (1, 1), 6) != "depthwise"
         dynamic_conv2d(x, w, None, (1, 1), (1, 1), (1, 1), 6)
     assert counted.calls == 0 and flops.get_total_flops() > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # aten computes in bf16 there; the fp32 kernel must not run
+        assert select_path(x, w, (1, 1), (1, 1), 6) != "depthwise"

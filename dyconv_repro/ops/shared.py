@@ -169,14 +169,20 @@ def _no_dispatch_mode() -> bool:
 NATIVE_MIX_MIN = 1 << 13  # kernel entries a sample from which the native mix beats mm plus its Python call
 
 
-def native_mix_ready(coeff: Tensor, bank2d: Tensor):
-    """The native module if it can compute coeff @ bank2d here (CPU fp32, no autocast, no dispatch mode)."""
+def native_for(function: str, *tensors: Tensor):
+    """The native module if its `function` may run on these tensors here: built and not suspended, CPU fp32
+    inputs, no CPU autocast (aten would compute in the autocast dtype), no dispatch mode, not compiling."""
     kernel = _native()
-    if (kernel is None or not hasattr(kernel, "bank_mix_batch") or coeff.device.type != "cpu"
-            or coeff.dtype != torch.float32 or bank2d.dtype != torch.float32 or not bank2d.is_contiguous()
+    if (kernel is None or not hasattr(kernel, function)
+            or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors)
             or torch.is_autocast_enabled("cpu") or not _no_dispatch_mode() or torch.compiler.is_compiling()):
         return None
     return kernel
+
+
+def native_mix_ready(coeff: Tensor, bank2d: Tensor):
+    """The native module if it can compute coeff @ bank2d here (`native_for`, a contiguous bank)."""
+    return native_for("bank_mix_batch", coeff, bank2d) if bank2d.is_contiguous() else None
 
 
 class _NativeBankMix(torch.autograd.Function):
@@ -370,12 +376,9 @@ def is_depthwise(x: Tensor, weight: Tensor, groups: int) -> bool:
     return groups > 1 and groups == x.shape[1] == weight.shape[1] and weight.shape[2] == 1
 
 
-def native_depthwise_ready(x: Tensor, weight: Tensor) -> bool:
-    """The native channels_last depthwise kernel can run this call (built, CPU fp32, no dispatch mode)."""
-    kernel = _native()
-    return (kernel is not None and hasattr(kernel, "depthwise_forward") and x.device.type == "cpu"
-            and x.dtype == weight.dtype == torch.float32 and _is_channels_last(x) and _no_dispatch_mode()
-            and not torch.compiler.is_compiling())
+def native_depthwise_ready(x: Tensor, weight: Tensor):
+    """The native module if its channels_last depthwise kernel can run this call (`native_for`, x channels_last)."""
+    return native_for("depthwise_forward", x, weight) if _is_channels_last(x) else None
 
 
 def select_path(x: Tensor, weight: Tensor, stride, padding, groups: int) -> str:
@@ -389,7 +392,7 @@ def select_path(x: Tensor, weight: Tensor, stride, padding, groups: int) -> str:
     h_out = (x.shape[-2] + 2 * padding[0] - kh) // stride[0] + 1
     w_out = (x.shape[-1] + 2 * padding[1] - kw) // stride[1] + 1
     if groups > 1 and groups == x.shape[1] and weight.shape[2] == 1:  # depthwise, any channel multiplier
-        if is_depthwise(x, weight, groups) and native_depthwise_ready(x, weight):
+        if is_depthwise(x, weight, groups) and native_depthwise_ready(x, weight) is not None:
             return "depthwise"
         return "loop" if h_out * w_out >= LOOP_MIN_DW_PIXELS else "fold"
     macs = weight[0].numel() * h_out * w_out
@@ -468,19 +471,19 @@ class _NativeDepthwise(torch.autograd.Function):
     """Per-sample depthwise conv by the native channels_last kernel (csrc/depthwise.cpp), with its gradients."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation):
+    def forward(ctx, x, weight, bias, stride, padding, dilation, kernel):
         b, c, _, kh, kw = weight.shape
         kernels = weight.reshape(b, c, kh * kw).transpose(1, 2).contiguous()  # (B, taps, C): channels innermost
         ctx.save_for_backward(x, kernels)
-        ctx.geometry, ctx.has_bias = (kh, kw, stride, padding, dilation), bias is not None
-        return native.get().depthwise_forward(x, kernels, bias, kh, kw, stride, padding, dilation)
+        ctx.geometry, ctx.has_bias, ctx.kernel = (kh, kw, stride, padding, dilation), bias is not None, kernel
+        return kernel.depthwise_forward(x, kernels, bias, kh, kw, stride, padding, dilation)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
         x, kernels = ctx.saved_tensors
         kh, kw, stride, padding, dilation = ctx.geometry
-        kernel = native.get()
+        kernel = ctx.kernel
         gy = gy.contiguous(memory_format=torch.channels_last)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
@@ -490,15 +493,16 @@ class _NativeDepthwise(torch.autograd.Function):
             gw = gw.transpose(1, 2).reshape(x.shape[0], x.shape[1], 1, kh, kw)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy.sum((2, 3))
-        return gx, gw, gb, None, None, None
+        return gx, gw, gb, None, None, None, None
 
 
 def native_depthwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation) -> Tensor:
     """Per-sample depthwise conv of a channels_last x with weight (B, C, 1, kh, kw); output channels_last."""
-    if not is_depthwise(x, weight, x.shape[1]) or not native_depthwise_ready(x, weight):
+    kernel = native_depthwise_ready(x, weight) if is_depthwise(x, weight, x.shape[1]) else None
+    if kernel is None:
         raise ValueError("the depthwise path needs a depthwise kernel (B, C, 1, kh, kw), a channels_last float32 CPU "
                          f"input and the native kernels built (`dyconv-native`; now: {native.status()})")
-    return _NativeDepthwise.apply(x, weight, bias, tuple(stride), tuple(padding), tuple(dilation))
+    return _NativeDepthwise.apply(x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), kernel)
 
 
 def dynamic_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int,
