@@ -5,6 +5,9 @@
   conv on this 2-core CPU); the native kernel does the same arithmetic in one call.
 * depthwise.cpp: the per-sample depthwise conv in channels_last (forward and both gradients); aten only
   has it as a grouped conv in NCHW, 2-2.5x slower than the static channels_last depthwise conv.
+* mix.cpp: the bank mix coeff @ bank of a training batch in one pass (about 2x MKL's skinny product).
+* sum_pool.cpp: a decomposed structured layer's sum-pool in one pass (at batch 1 the aten version is ~11 tiny
+  calls that cost more than the small conv after it).
 
 They are accelerators, never a requirement: without a C++ compiler, or with DYCONV_NATIVE=0, the Python
 paths in shared.py run (and are the references the native kernels are tested against).
@@ -31,7 +34,7 @@ import torch
 
 NAME = "dyconv_native"
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / "module.cpp", CSRC / "batch_one.cpp", CSRC / "depthwise.cpp", CSRC / "mix.cpp"]
+SOURCES = [CSRC / "module.cpp", CSRC / "batch_one.cpp", CSRC / "depthwise.cpp", CSRC / "mix.cpp", CSRC / "sum_pool.cpp"]
 HEADERS = [CSRC / "native.h"]
 _UNSET = object()
 _module = _UNSET

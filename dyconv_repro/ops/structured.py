@@ -22,7 +22,8 @@ element on this machine) while the dense conv runs at GEMM speed (about 0.03 ns 
 only where each pooled element saves enough multiplications. `decompose()` therefore keeps the
 equivalent plain conv (as a one-stage nn.Sequential) when the MAdds saved per element read by the
 sum-pool are below DECOMPOSE_MIN_GAIN (measured, see `decompose_gain`); `decompose(always=True)` always
-returns SumPool + small conv. The sum-pool itself is a channel box sum by cumulative sum + shifted
+returns SumPool + small conv. For NCHW input that needs no gradient the sum-pool is one native pass
+(csrc/sum_pool.cpp, when built); otherwise it is a channel box sum by cumulative sum + shifted
 difference (or a running window over channels for large NCHW maps) and a spatial box sum by
 separable shifted adds (NCHW) or avg_pool2d(divisor_override=1) / a depthwise ones-conv (channels_last).
 """
@@ -39,6 +40,7 @@ from torch.nn.modules.utils import _pair
 from dyconv_repro.errors import UserError
 from dyconv_repro.ops.base import ConvOp
 from dyconv_repro.ops.registry import OPS
+from dyconv_repro.ops.shared import native_for
 
 MODES = ("regularize", "parameterize")
 # Decompose a layer only when (dense MAdds - decomposed MAdds) / (elements the sum-pool reads) reaches this.
@@ -46,6 +48,9 @@ MODES = ("regularize", "parameterize")
 # mobilenet_v2 shapes): gains <= 80 lost (1.1-3x slower: 16->16 3x3 @32^2, projections 576->160,
 # 960->160, expansions 16->96, 24->144), gains ~100 tied (32->192), gains >= 150 won (0.5-0.95x:
 # 32->32 and 64->64 3x3, 64->384, 96->576, 160->960, 960->320). Depthwise layers gain <= 5: never.
+# Re-checked with the native sum-pool (2 threads): gains 80-96 now win (576->160, 960->160, 32->192: 0.6-0.9x at
+# batch 1 and 32) but 16->16 3x3 @32^2 (75) still loses at batch 32 (1.75x: its 8->16 2x2 conv is slow in
+# oneDNN), so the threshold stays; the aten path, which runs without a build, needs it anyway.
 DECOMPOSE_MIN_GAIN = 100.0
 # NCHW channel box sum: a running window over channels (2 vectorized ops per output channel) beats
 # torch.cumsum (a scalar scan) once each channel slab (batch * H * W) is this large.
@@ -299,6 +304,13 @@ class SumPool(nn.Module):
         # depthwise ones kernel for the channels_last spatial box sum on large maps
         self.register_buffer("ones", torch.ones(channels, 1, wh, ww), persistent=False)
 
+    @staticmethod
+    def _native(x: torch.Tensor):
+        """The native one-pass kernel (csrc/sum_pool.cpp) for NCHW input that needs no gradient."""
+        if x.requires_grad and torch.is_grad_enabled() or not x.is_contiguous():
+            return None
+        return native_for("sum_pool_forward", x)
+
     def _channel_box(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         wc = self.window[0]
@@ -313,6 +325,9 @@ class SumPool(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         wc, wh, ww = self.window
         ph, pw = self.padding
+        native = self._native(x)
+        if native is not None:
+            return native.sum_pool_forward(x, self.groups, wc, wh, ww, self.padding, self.dilation)
         if wc > 1:
             x = self._channel_box(x)
         if wh * ww == 1:

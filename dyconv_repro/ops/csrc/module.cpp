@@ -7,4 +7,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("depthwise_forward", &depthwise_forward, "per-sample depthwise conv, channels_last (see depthwise.cpp)");
   m.def("depthwise_input_grad", &depthwise_input_grad, "its input gradient");
   m.def("depthwise_kernel_grad", &depthwise_kernel_grad, "its per-sample kernel gradient");
+  m.def("sum_pool_forward", &sum_pool_forward, "the structured sum-pool in one pass, NCHW (see sum_pool.cpp)");
 }

@@ -1,4 +1,5 @@
-// Declarations shared by the native kernels (batch_one.cpp, depthwise.cpp, mix.cpp) and their module (module.cpp).
+// Declarations shared by the native kernels (batch_one.cpp, depthwise.cpp, mix.cpp, sum_pool.cpp) and their
+// module (module.cpp).
 #pragma once
 
 #include <torch/extension.h>
@@ -34,3 +35,7 @@ at::Tensor depthwise_input_grad(const at::Tensor& gy, const at::Tensor& kernels,
                                 int64_t kw, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation);
 at::Tensor depthwise_kernel_grad(const at::Tensor& gy, const at::Tensor& x, int64_t kh, int64_t kw,
                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation);
+
+// sum_pool.cpp
+at::Tensor sum_pool_forward(const at::Tensor& x, int64_t groups, int64_t wc, int64_t wh, int64_t ww,
+                            at::IntArrayRef padding, at::IntArrayRef dilation);
