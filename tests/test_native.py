@@ -135,3 +135,70 @@ def test_reference_forward_never_runs_native_code(monkeypatch):
     assert counted.calls == 0
     op(x)
     assert counted.calls > 0
+
+
+def _plan(op):
+    return op.__dict__.get("_one_plan")
+
+
+@pytest.mark.parametrize("name", ["dynamicconv", "condconv", "weightnet"])
+def test_batch_one_plan_is_reused_and_follows_every_change(name, counted):
+    """The cached native call (`NativeOnePlan`) serves later batch-1 calls; every change it was derived from
+    makes a new one (or the Python path), and each output equals the per-sample reference."""
+    torch.manual_seed(0)
+    op = build_op(name, 8, 8, 3, bias=True).eval()
+    x = torch.randn(1, 8, 7, 7)
+
+    def check(inp=x, new_plan=True):
+        before, calls = _plan(op), counted.calls
+        with torch.no_grad():
+            y = op(inp)
+        assert counted.calls == calls + 1, "the native kernel did not run"
+        assert (_plan(op) is not before) == new_plan
+        torch.testing.assert_close(y, op.reference_forward(inp), atol=ATOL, rtol=1e-4)
+
+    check()
+    check(new_plan=False)  # reused
+    with torch.no_grad():
+        next(op.parameters()).mul_(1.5)  # in place: the plan reads the values at call time
+    check(new_plan=False)
+    check(torch.randn(1, 8, 9, 5))  # another input size: 1/(H*W) changes
+    check(torch.randn(1, 8, 9, 5).to(memory_format=torch.channels_last), new_plan=False)
+    routing = [m for m in op.modules() if isinstance(m, torch.nn.Linear)][0]
+    routing.weight = torch.nn.Parameter(torch.randn_like(routing.weight))  # a replaced parameter
+    check()
+    op.bias = torch.nn.Parameter(torch.randn_like(op.bias))
+    check()
+    if name == "dynamicconv":
+        op.set_temperature(7.0)  # 1/tau is an alpha of the routing
+        check()
+    with torch.inference_mode():  # inference tensors: other scratch views
+        y = op(x)
+    torch.testing.assert_close(y, op.reference_forward(x), atol=ATOL, rtol=1e-4)
+    check()  # back under no_grad: a new plan, which the hook below must set aside
+    seen = []
+    handle = routing.register_forward_hook(lambda *args: seen.append(1))
+    with torch.no_grad():
+        op(x)
+    assert seen, "a hook inside the op must make it take the module path"
+    handle.remove()
+    import copy
+    import pickle
+
+    assert _plan(copy.deepcopy(op)) is None and _plan(pickle.loads(pickle.dumps(op))) is None
+
+
+def test_batch_one_plan_steps_aside_for_references_and_dispatch_modes(counted):
+    """native.suspended() (the references) and FlopCounterMode (MAdds) must see aten calls, plan or not."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    op = build_op("dynamicconv", 8, 8, 3).eval()
+    x = torch.randn(1, 8, 6, 6)
+    with torch.no_grad():
+        op(x)
+        calls = counted.calls
+        with native.suspended():
+            op(x)
+        with FlopCounterMode(display=False) as flops:
+            op(x)
+    assert counted.calls == calls and flops.get_total_flops() > 0

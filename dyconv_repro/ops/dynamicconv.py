@@ -97,6 +97,9 @@ class DynamicConv2d(DynamicConvOp):
         pooled = spatial_sum_one(x)[0] if pool else source.view(-1)
         return bank_kernel_one(self, torch.softmax(head.forward_one(pooled, inv_hw, inv_tau), 0))
 
+    def _one_state(self) -> float:
+        return self._inv_temperature()  # 1/tau is folded into the batch-1 routing's alphas
+
     def _inv_temperature(self) -> float:
         """1 / tau as a float, re-read only when the buffer changes (set_temperature, load_state_dict, .to())."""
         t = self._buffers["temperature"]

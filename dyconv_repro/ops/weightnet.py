@@ -100,9 +100,9 @@ class WeightNetConv2d(DynamicConvOp):
             if not plain(reduce, nn.Linear):
                 return None
             source, pool, layers = x, True, ((reduce, inv_area(x), 1.0), (fc1, 1.0, 1.0))
-        one = native_kernel_one(self, source, pool, layers, ACT_NONE, ACT_SIGMOID, fc2, False)
+        one = native_kernel_one(self, source, pool, layers, ACT_NONE, ACT_SIGMOID, fc2, False, bias=bias)
         if one is not None:
-            return one[0], bias
+            return one
         if pool:
             pooled, inv_hw = spatial_sum_one(x)
             x_gap = affine_vec(pooled, reduce, alpha=inv_hw)

@@ -157,3 +157,18 @@ c10::optional<at::Tensor> kernel_one(const at::Tensor& source, bool pool, const 
   auto coeff = at::from_blob(z.data(), {rows}, p.options());
   return at::mv(bias_bank->t(), coeff);
 }
+
+BatchOnePlan::BatchOnePlan(bool pool, std::vector<at::Tensor> weights, std::vector<c10::optional<at::Tensor>> biases,
+                           std::vector<double> alphas, std::vector<double> betas, int64_t inner, int64_t final,
+                           at::Tensor param, int64_t mode, at::Tensor out, c10::optional<at::Tensor> bias_bank)
+    : pool(pool), weights(std::move(weights)), biases(std::move(biases)), alphas(std::move(alphas)),
+      betas(std::move(betas)), inner(inner), final(final), param(std::move(param)), mode(mode), out(std::move(out)),
+      bias_bank(std::move(bias_bank)) {
+  TORCH_CHECK(this->weights.size() == this->biases.size() && this->weights.size() == this->alphas.size() &&
+                  this->weights.size() == this->betas.size(),
+              "BatchOnePlan: one bias, alpha and beta per routing layer");
+}
+
+c10::optional<at::Tensor> BatchOnePlan::run(const at::Tensor& source) {
+  return kernel_one(source, pool, weights, biases, alphas, betas, inner, final, param, mode, out, bias_bank);
+}

@@ -3,6 +3,12 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kernel_one", &kernel_one, "batch-1 routed kernel: pool, routing head, mix (see batch_one.cpp)");
+  py::class_<BatchOnePlan>(m, "BatchOnePlan", "kernel_one's arguments, converted once (see native.h)")
+      .def(py::init<bool, std::vector<at::Tensor>, std::vector<c10::optional<at::Tensor>>, std::vector<double>,
+                    std::vector<double>, int64_t, int64_t, at::Tensor, int64_t, at::Tensor,
+                    c10::optional<at::Tensor>>());
+  m.def("kernel_one_planned", [](BatchOnePlan& plan, const at::Tensor& source) { return plan.run(source); },
+        "kernel_one with a plan's arguments");
   m.def("bank_mix_batch", &bank_mix_batch, "out = coeff @ bank for a training batch (see mix.cpp)");
   m.def("depthwise_forward", &depthwise_forward, "per-sample depthwise conv, channels_last (see depthwise.cpp)");
   m.def("depthwise_input_grad", &depthwise_input_grad, "its input gradient");

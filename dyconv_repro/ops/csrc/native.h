@@ -27,6 +27,25 @@ c10::optional<at::Tensor> kernel_one(const at::Tensor& source, bool pool, const 
                                      int64_t inner, int64_t final, const at::Tensor& param, int64_t mode,
                                      at::Tensor& out, const c10::optional<at::Tensor>& bias_bank);
 
+// kernel_one's arguments converted once: a layer's batch-1 call then passes only its input (converting the 12
+// arguments, three lists among them, cost about as much as the arithmetic of a CIFAR-size layer).
+struct BatchOnePlan {
+  BatchOnePlan(bool pool, std::vector<at::Tensor> weights, std::vector<c10::optional<at::Tensor>> biases,
+               std::vector<double> alphas, std::vector<double> betas, int64_t inner, int64_t final,
+               at::Tensor param, int64_t mode, at::Tensor out, c10::optional<at::Tensor> bias_bank);
+  c10::optional<at::Tensor> run(const at::Tensor& source);
+
+  bool pool;
+  std::vector<at::Tensor> weights;
+  std::vector<c10::optional<at::Tensor>> biases;
+  std::vector<double> alphas, betas;
+  int64_t inner, final;
+  at::Tensor param;
+  int64_t mode;
+  at::Tensor out;
+  c10::optional<at::Tensor> bias_bank;
+};
+
 // depthwise.cpp
 at::Tensor depthwise_forward(const at::Tensor& x, const at::Tensor& kernels, const c10::optional<at::Tensor>& bias,
                              int64_t kh, int64_t kw, at::IntArrayRef stride, at::IntArrayRef padding,
