@@ -40,44 +40,48 @@ GRID = [g for g in itertools.product((1, 6), (1, 3), (1, 2, 4), (1, 2, 3), (0, 1
 @pytest.mark.parametrize("impl", ["aten", "native"])
 def test_sumpool_matches_reference_grid(impl, monkeypatch):
     """Both implementations equal the 3-D conv reference; the native one (csrc/sum_pool.cpp) runs for every
-    NCHW input, the aten one for channels_last and whenever native code is suspended or not built."""
+    NCHW and channels_last input, the aten one whenever native code is suspended or not built."""
     counted = count_native_calls(monkeypatch, "sum_pool") if impl == "native" else None
     torch.manual_seed(0)
-    nchw = 0
     with native.suspended() if impl == "aten" else contextlib.nullcontext():
         for cpg, groups, wc, ws, p, d, cl in GRID:
             x = torch.randn(2, cpg * groups, 7, 8)
             if cl:
                 x = x.to(memory_format=torch.channels_last)
-            nchw += x.is_contiguous()  # (one channel: channels_last is NCHW too)
             pool = SumPool(cpg, groups, (wc, ws, ws), p, d)
             ref = _reference_sumpool(x.contiguous().double(), cpg, groups, (wc, ws, ws), (p, p), (d, d))
             torch.testing.assert_close(pool(x).double(), ref, atol=1e-5, rtol=1e-5,
                                        msg=f"{impl}: cpg={cpg} g={groups} wc={wc} ws={ws} p={p} d={d} cl={cl}")
     if counted is not None:
-        assert counted.calls == nchw
+        assert counted.calls == len(GRID)
 
 
 def test_native_sumpool_on_real_layer_sizes_and_its_refusals(monkeypatch):
     """ResNet-20's decomposed 32->32 layer at batch 1 and 3 (running window over 17 of 32 channels, tasks split
-    across threads), rectangular windows with dilation; an input that needs a gradient keeps aten."""
+    across threads), MobileNetV2's 960->160 pointwise (a channel box only), rectangular windows with dilation,
+    each in both memory formats; an input that needs a gradient, or a strided view, keeps aten."""
     counted = count_native_calls(monkeypatch, "sum_pool")
     torch.manual_seed(0)
-    for batch, cpg, groups, window, pad, dil, hw in [(1, 32, 1, (17, 2, 2), (1, 1), (1, 1), (16, 16)),
-                                                      (3, 32, 1, (17, 2, 2), (1, 1), (1, 1), (16, 16)),
-                                                      (2, 9, 2, (4, 3, 2), (2, 0), (2, 3), (11, 9))]:
+    cases = [(1, 32, 1, (17, 2, 2), (1, 1), (1, 1), (16, 16)), (3, 32, 1, (17, 2, 2), (1, 1), (1, 1), (16, 16)),
+             (2, 960, 1, (481, 1, 1), (0, 0), (1, 1), (7, 7)), (2, 9, 2, (4, 3, 2), (2, 0), (2, 3), (11, 9))]
+    for batch, cpg, groups, window, pad, dil, hw in cases:
         pool = SumPool(cpg, groups, window, pad, dil)
         x = torch.randn(batch, cpg * groups, *hw)
         ref = _reference_sumpool(x.double(), cpg, groups, window, pad, dil)
-        torch.testing.assert_close(pool(x).double(), ref, atol=1e-4, rtol=1e-5)
-    assert counted.calls == 3
+        for xin in (x, x.to(memory_format=torch.channels_last)):
+            y = pool(xin)
+            torch.testing.assert_close(y.double(), ref, atol=2e-4, rtol=1e-5)
+            assert y.is_contiguous(memory_format=torch.channels_last) == (xin.stride(1) == 1)
+    assert counted.calls == 2 * len(cases)
     x = torch.randn(1, 32, 16, 16, requires_grad=True)
     pool = SumPool(32, 1, (17, 2, 2), (1, 1))
     pool(x).sum().backward()
-    assert counted.calls == 3 and x.grad is not None
+    with torch.no_grad():
+        pool(torch.randn(1, 32, 16, 32)[..., ::2])  # neither layout
+    assert counted.calls == 2 * len(cases) and x.grad is not None
     with torch.no_grad():
         pool(x)
-    assert counted.calls == 4
+    assert counted.calls == 2 * len(cases) + 1
 
 
 @pytest.mark.parametrize("channels,window", [(16, 9), (96, 49), (7, 1), (5, 5)])

@@ -22,8 +22,8 @@ element on this machine) while the dense conv runs at GEMM speed (about 0.03 ns 
 only where each pooled element saves enough multiplications. `decompose()` therefore keeps the
 equivalent plain conv (as a one-stage nn.Sequential) when the MAdds saved per element read by the
 sum-pool are below DECOMPOSE_MIN_GAIN (measured, see `decompose_gain`); `decompose(always=True)` always
-returns SumPool + small conv. For NCHW input that needs no gradient the sum-pool is one native pass
-(csrc/sum_pool.cpp, when built); otherwise it is a channel box sum by cumulative sum + shifted
+returns SumPool + small conv. For NCHW or channels_last input that needs no gradient the sum-pool is one
+native pass (csrc/sum_pool.cpp, when built); otherwise it is a channel box sum by cumulative sum + shifted
 difference (or a running window over channels for large NCHW maps) and a spatial box sum by
 separable shifted adds (NCHW) or avg_pool2d(divisor_override=1) / a depthwise ones-conv (channels_last).
 """
@@ -306,8 +306,10 @@ class SumPool(nn.Module):
 
     @staticmethod
     def _native(x: torch.Tensor):
-        """The native one-pass kernel (csrc/sum_pool.cpp) for NCHW input that needs no gradient."""
-        if x.requires_grad and torch.is_grad_enabled() or not x.is_contiguous():
+        """The native one-pass kernel (csrc/sum_pool.cpp) for NCHW / channels_last input needing no gradient."""
+        if x.requires_grad and torch.is_grad_enabled() or x.dim() != 4:
+            return None
+        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
             return None
         return native_for("sum_pool_forward", x)
 

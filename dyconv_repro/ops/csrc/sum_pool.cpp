@@ -1,4 +1,4 @@
-// The sum-pool of a decomposed Structured Convolution (structured.py `SumPool`) in one call, NCHW.
+// The sum-pool of a decomposed Structured Convolution (structured.py `SumPool`) in one call, NCHW or NHWC.
 //
 // Why native: at batch 1 on CIFAR-size maps the aten sum-pool is ~11 tiny calls (cumsum, narrows, a pad,
 // shifted adds) whose dispatch costs ~100 us for ~8k elements (ResNet-20 32->32 @16^2: 110 us, more than
@@ -49,12 +49,67 @@ void spatial_box(const PoolGeometry& g, const float* p, float* rows, float* out)
   }
 }
 
+// channels_last: the channel box of every input pixel of sample b (one contiguous row of groups * cpg values each)
+// into box (h * w rows of groups * c), as a running window along the row.
+DYCONV_HOT void channel_box_nhwc(const PoolGeometry& g, const float* x, float* box) {
+  const int64_t in_row = g.groups * g.cpg, out_row = g.groups * g.c;
+  for (int64_t p = 0; p < g.h * g.w; ++p) {
+    for (int64_t grp = 0; grp < g.groups; ++grp) {
+      const float* src = x + p * in_row + grp * g.cpg;
+      float* dst = box + p * out_row + grp * g.c;
+      float acc = 0.f;
+      for (int64_t i = 0; i < g.wc; ++i) acc += src[i];
+      dst[0] = acc;
+      for (int64_t j = 1; j < g.c; ++j) dst[j] = dst[j - 1] + (src[j + g.wc - 1] - src[j - 1]);
+    }
+  }
+}
+
+// channels_last: output row oh of sample b from its channel-box rows (each output pixel sums wh x ww pixel vectors).
+DYCONV_HOT void spatial_box_nhwc(const PoolGeometry& g, const float* box, int64_t oh, float* out) {
+  const int64_t n = g.groups * g.c;
+  for (int64_t ow = 0; ow < g.wo; ++ow) {
+    float* o = out + (oh * g.wo + ow) * n;
+    std::memset(o, 0, n * sizeof(float));
+    for (int64_t a = 0; a < g.wh; ++a) {
+      const int64_t r = oh + a * g.dh - g.ph;
+      if (r < 0 || r >= g.h) continue;
+      for (int64_t t = 0; t < g.ww; ++t) {
+        const int64_t col = ow + t * g.dw - g.pw;
+        if (col >= 0 && col < g.w) add_row(box + (r * g.w + col) * n, n, o);
+      }
+    }
+  }
+}
+
+at::Tensor sum_pool_nhwc(const at::Tensor& x, const PoolGeometry& g) {
+  const int64_t batch = x.size(0), n = g.groups * g.c;
+  auto out = at::empty({batch, n, g.ho, g.wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const float* px = x.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  const int64_t in_sample = g.h * g.w * g.groups * g.cpg, out_sample = g.ho * g.wo * n;
+  const bool spatial = g.wh * g.ww > 1 || g.ph || g.pw;
+  at::parallel_for(0, batch, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> box(spatial ? g.h * g.w * n : 0);
+    for (int64_t b = lo; b < hi; ++b) {
+      if (!spatial) {  // channel box only: straight into the output
+        channel_box_nhwc(g, px + b * in_sample, po + b * out_sample);
+        continue;
+      }
+      channel_box_nhwc(g, px + b * in_sample, box.data());
+      for (int64_t oh = 0; oh < g.ho; ++oh) spatial_box_nhwc(g, box.data(), oh, po + b * out_sample);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 at::Tensor sum_pool_forward(const at::Tensor& x, int64_t groups, int64_t wc, int64_t wh, int64_t ww,
                             at::IntArrayRef padding, at::IntArrayRef dilation) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu() && x.dim() == 4 && x.is_contiguous(),
-              "sum_pool: x must be a contiguous (NCHW) float32 CPU (B, C, H, W) tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu() && x.dim() == 4 &&
+                  (x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast)),
+              "sum_pool: x must be a float32 CPU (B, C, H, W) tensor, NCHW- or channels_last-contiguous");
   TORCH_CHECK(padding.size() == 2 && dilation.size() == 2, "sum_pool: padding and dilation need 2 entries each");
   TORCH_CHECK(groups >= 1 && x.size(1) % groups == 0, "sum_pool: channels must split into the groups");
   const int64_t cpg = x.size(1) / groups;
@@ -64,6 +119,7 @@ at::Tensor sum_pool_forward(const at::Tensor& x, int64_t groups, int64_t wc, int
   g.ho = g.h + 2 * g.ph - g.dh * (wh - 1);
   g.wo = g.w + 2 * g.pw - g.dw * (ww - 1);
   TORCH_CHECK(g.ho >= 1 && g.wo >= 1, "sum_pool: the window is larger than the padded map");
+  if (!x.is_contiguous()) return sum_pool_nhwc(x, g);
   const int64_t batch = x.size(0), plane = g.h * g.w, planes = batch * groups * g.c;
   auto out = at::empty({batch, groups * g.c, g.ho, g.wo}, x.options());
   const float* px = x.data_ptr<float>();
