@@ -54,6 +54,6 @@ def test_benchmark_summary_lists_rows_and_missed_targets(tmp_path):
     (tmp_path / "ops.json").write_text("[]")  # not a model page: ignored
     text = summary(tmp_path)
     assert "| m@32 | dynamicconv | 0.71× | 1.42× | - |" in text and "| conv |" not in text
-    assert "**1 met, 1 missed**" in text and "b1_ms_ratio = 1.42 (target <= 1.30)" in text
+    assert "**1 met, 1 missed**" in text and "b1_ms_ratio = 1.420 (target <= 1.30)" in text
     with pytest.raises(UserError, match="no model benchmark pages"):
         summary(tmp_path / "empty")

@@ -52,6 +52,6 @@ def summary(page_dir: str | Path, link_prefix: str = "results/benchmarks/") -> s
     lines += ["", "Ratios are to the static model (op=conv) of the same backbone in the same run; peers rows to "
               "their own static backbone. Issue-7 targets on these pages: "
               f"**{len(met)} met, {len(missed)} missed**" + (":" if missed else ".")]
-    lines += [f"- {n}: {c['group']} {c['label']} {c['figure']} = {c['value']:.2f} (target {c['target']})"
+    lines += [f"- {n}: {c['group']} {c['label']} {c['figure']} = {c['value']:.3f} (target {c['target']})"
               for n, c in missed]
     return "\n".join(lines)
