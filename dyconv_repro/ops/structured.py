@@ -48,9 +48,10 @@ MODES = ("regularize", "parameterize")
 # mobilenet_v2 shapes): gains <= 80 lost (1.1-3x slower: 16->16 3x3 @32^2, projections 576->160,
 # 960->160, expansions 16->96, 24->144), gains ~100 tied (32->192), gains >= 150 won (0.5-0.95x:
 # 32->32 and 64->64 3x3, 64->384, 96->576, 160->960, 960->320). Depthwise layers gain <= 5: never.
-# Re-checked with the native sum-pool (2 threads): gains 80-96 now win (576->160, 960->160, 32->192: 0.6-0.9x at
-# batch 1 and 32) but 16->16 3x3 @32^2 (75) still loses at batch 32 (1.75x: its 8->16 2x2 conv is slow in
-# oneDNN), so the threshold stays; the aten path, which runs without a build, needs it anyway.
+# Re-checked with the native sum-pool (2 threads, NCHW): gains 80-96 now win (576->160, 960->160, 32->192:
+# 0.45-0.92x at batch 1 and 32; in channels_last 960->160 still loses at batch 1, 1.20x) and 16->16 3x3 @32^2
+# (75) still loses at batch 32 (1.75x: its 8->16 2x2 conv is slow in oneDNN), so the threshold stays; the aten
+# path, which runs without a build, needs it anyway.
 DECOMPOSE_MIN_GAIN = 100.0
 # NCHW channel box sum: a running window over channels (2 vectorized ops per output channel) beats
 # torch.cumsum (a scalar scan) once each channel slab (batch * H * W) is this large.
