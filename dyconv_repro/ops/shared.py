@@ -134,8 +134,7 @@ class _PoolTee(torch.autograd.Function):
 
 
 def _dense(t: Tensor) -> bool:
-    return (t.dim() == 4 and not t.requires_grad and 0 not in t.stride()
-            and (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)))
+    return t.dim() == 4 and not t.requires_grad and 0 not in t.stride() and nchw_or_channels_last(t)
 
 
 def pool_tee(x: Tensor) -> Tensor:
@@ -325,7 +324,7 @@ def native_kernel_one(op: nn.Module, source: Tensor, pool: bool, layers, inner: 
     `param` as a bank of K kernels (`bank`) or scale its rows (WeightNet). The bias is `bias_bank` mixed the
     same way, else `bias` as given. The call is kept as the op's `NativeOnePlan`, which later calls reuse."""
     kernel = _native()
-    if kernel is None or not (source.is_contiguous() or _is_channels_last(source)) or not _no_dispatch_mode():
+    if kernel is None or not nchw_or_channels_last(source) or not _no_dispatch_mode():
         return None
     weights, biases, alphas, betas = [], [], [], []
     for linear, alpha, beta in layers:
@@ -379,7 +378,7 @@ class NativeOnePlan:
                 return None
         if self.shape is None:
             source = op.block_input()
-        elif x.shape != self.shape or not (x.is_contiguous() or _is_channels_last(x)):
+        elif x.shape != self.shape or not nchw_or_channels_last(x):
             return None
         else:
             source = x
@@ -410,6 +409,11 @@ def init_conv_bank_(bank: Tensor, bias_bank: Tensor | None = None) -> None:
 
 def _is_channels_last(x: Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def nchw_or_channels_last(x: Tensor) -> bool:
+    """x is contiguous in one of the two layouts the native kernels read."""
+    return x.is_contiguous() or _is_channels_last(x)
 
 
 LOOP_MIN_KERNEL = 1 << 18  # training: per-sample kernel entries from which the streamed path pays off

@@ -40,7 +40,7 @@ from torch.nn.modules.utils import _pair
 from dyconv_repro.errors import UserError
 from dyconv_repro.ops.base import ConvOp
 from dyconv_repro.ops.registry import OPS
-from dyconv_repro.ops.shared import native_for
+from dyconv_repro.ops.shared import native_for, nchw_or_channels_last
 
 MODES = ("regularize", "parameterize")
 # Decompose a layer only when (dense MAdds - decomposed MAdds) / (elements the sum-pool reads) reaches this.
@@ -308,9 +308,7 @@ class SumPool(nn.Module):
     @staticmethod
     def _native(x: torch.Tensor):
         """The native one-pass kernel (csrc/sum_pool.cpp) for NCHW / channels_last input needing no gradient."""
-        if x.requires_grad and torch.is_grad_enabled() or x.dim() != 4:
-            return None
-        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        if x.requires_grad and torch.is_grad_enabled() or x.dim() != 4 or not nchw_or_channels_last(x):
             return None
         return native_for("sum_pool_forward", x)
 

@@ -82,6 +82,34 @@ DYCONV_HOT void spatial_box_nhwc(const PoolGeometry& g, const float* box, int64_
   }
 }
 
+// NCHW: output planes in parallel, each from its channel-box plane (slid from the previous plane where it can).
+at::Tensor sum_pool_nchw(const at::Tensor& x, const PoolGeometry& g) {
+  const int64_t batch = x.size(0), plane = g.h * g.w, planes = batch * g.groups * g.c;
+  auto out = at::empty({batch, g.groups * g.c, g.ho, g.wo}, x.options());
+  const float* px = x.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  // Tasks are runs of consecutive output planes; each restarts the running channel window at its first plane.
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, plane * (g.wh * g.ww + 2)));
+  at::parallel_for(0, planes, grain, [&](int64_t lo, int64_t hi) {
+    std::vector<float> box(plane), rows(g.h * g.wo);
+    int64_t prev = -1;  // the plane index whose channel box `box` holds
+    for (int64_t k = lo; k < hi; ++k) {
+      const int64_t j = k % g.c;
+      const float* src = px + (k / g.c) * g.cpg * plane;  // first channel of this sample's group
+      if (prev == k - 1 && j > 0) {  // slide: add channel j + wc - 1, drop channel j - 1
+        add_sub_row(src + (j + g.wc - 1) * plane, src + (j - 1) * plane, plane, box.data());
+      } else {
+        std::memcpy(box.data(), src + j * plane, plane * sizeof(float));
+        for (int64_t i = 1; i < g.wc; ++i) add_row(src + (j + i) * plane, plane, box.data());
+      }
+      prev = k;
+      spatial_box(g, box.data(), rows.data(), po + k * g.ho * g.wo);
+    }
+  });
+  return out;
+}
+
+// channels_last: samples in parallel, each as its per-pixel channel boxes, then the spatial box per output row.
 at::Tensor sum_pool_nhwc(const at::Tensor& x, const PoolGeometry& g) {
   const int64_t batch = x.size(0), n = g.groups * g.c;
   auto out = at::empty({batch, n, g.ho, g.wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -119,28 +147,5 @@ at::Tensor sum_pool_forward(const at::Tensor& x, int64_t groups, int64_t wc, int
   g.ho = g.h + 2 * g.ph - g.dh * (wh - 1);
   g.wo = g.w + 2 * g.pw - g.dw * (ww - 1);
   TORCH_CHECK(g.ho >= 1 && g.wo >= 1, "sum_pool: the window is larger than the padded map");
-  if (!x.is_contiguous()) return sum_pool_nhwc(x, g);
-  const int64_t batch = x.size(0), plane = g.h * g.w, planes = batch * groups * g.c;
-  auto out = at::empty({batch, groups * g.c, g.ho, g.wo}, x.options());
-  const float* px = x.data_ptr<float>();
-  float* po = out.data_ptr<float>();
-  // Tasks are runs of consecutive output planes; each restarts the running channel window at its first plane.
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, plane * (wh * ww + 2)));
-  at::parallel_for(0, planes, grain, [&](int64_t lo, int64_t hi) {
-    std::vector<float> box(plane), rows(g.h * g.wo);
-    int64_t prev = -1;  // the plane index whose channel box `box` holds
-    for (int64_t k = lo; k < hi; ++k) {
-      const int64_t j = k % g.c;
-      const float* src = px + (k / g.c) * cpg * plane;  // first channel of this sample's group
-      if (prev == k - 1 && j > 0) {  // slide: add channel j + wc - 1, drop channel j - 1
-        add_sub_row(src + (j + wc - 1) * plane, src + (j - 1) * plane, plane, box.data());
-      } else {
-        std::memcpy(box.data(), src + j * plane, plane * sizeof(float));
-        for (int64_t i = 1; i < wc; ++i) add_row(src + (j + i) * plane, plane, box.data());
-      }
-      prev = k;
-      spatial_box(g, box.data(), rows.data(), po + k * g.ho * g.wo);
-    }
-  });
-  return out;
+  return x.is_contiguous() ? sum_pool_nchw(x, g) : sum_pool_nhwc(x, g);
 }
