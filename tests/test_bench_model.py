@@ -44,6 +44,8 @@ def test_model_bench_rows_ratios_and_outputs(tmp_path, capsys):
                for c in data["targets"])
     page = (tmp_path / "tiny.md").read_text()
     assert "dyconv-bench model" in page and "refconv[deploy]" in page and "load average" in page
+    assert data["meta"]["settings"]["cpu_heap"] == "keep"  # the default, as the trainer's on CPU
+    assert "; CPU heap keep: glibc keeps freed memory" in page or "; CPU heap allocator default (not glibc" in page
     assert (tmp_path / "tiny.csv").is_file()
     assert "refconv[deploy]" in capsys.readouterr().out
 

@@ -106,21 +106,30 @@ def test_native_bank_mix_equals_mm(rows, k, n, monkeypatch):
     torch.testing.assert_close(out, coeff @ bank, atol=1e-5, rtol=1e-5)
 
 
-def test_aggregate_uses_the_native_mix_and_its_gradients_are_mm_s(monkeypatch):
-    """aggregate() of a big bank runs the native mix (a small one stays mm); values and gradients == mm."""
-    from dyconv_repro.ops.shared import NATIVE_MIX_MIN, aggregate
+def test_aggregate_uses_the_native_mix_and_its_gradients_equal_mm_s(monkeypatch):
+    """aggregate() of a big bank runs the native mix (a small one stays mm), and so does the bank's gradient
+    when the incoming gradient is contiguous (a transposed one takes mm); values and gradients == mm."""
+    from dyconv_repro.ops.shared import NATIVE_MIX_MIN, _NativeBankMix, aggregate
 
     counted = count_native_calls(monkeypatch, "bank_mix_batch")
-    for entries, native_calls in ((NATIVE_MIX_MIN, 1), (NATIVE_MIX_MIN - 1, 0)):
+    for entries, transposed, native_calls in ((NATIVE_MIX_MIN, False, 2), (NATIVE_MIX_MIN, True, 1),
+                                              (NATIVE_MIX_MIN - 1, False, 0)):
         counted.calls = 0
         coeff = torch.rand(3, 4, requires_grad=True)
         bank = torch.randn(4, entries, 1, 1, requires_grad=True)
-        y = aggregate(coeff, bank)
-        gy = torch.randn_like(y)
-        got = (y, *torch.autograd.grad(y, (coeff, bank), gy))
-        y_ref = torch.mm(coeff, bank.reshape(4, -1)).reshape_as(y)
-        want = (y_ref, *torch.autograd.grad(y_ref, (coeff, bank), gy))
-        assert counted.calls == native_calls
+        gy = torch.randn(entries, 3).t() if transposed else torch.randn(3, entries)
+
+        def loss(flat, gy=gy):  # a transposed gy hands the mix a non-contiguous gradient
+            return (flat * gy).sum()
+
+        if transposed:
+            y = _NativeBankMix.apply(coeff, bank.reshape(4, -1), counted)
+        else:
+            y = aggregate(coeff, bank).reshape(3, entries)
+        got = (y, *torch.autograd.grad(loss(y), (coeff, bank)))
+        y_ref = torch.mm(coeff, bank.reshape(4, -1))
+        want = (y_ref, *torch.autograd.grad(loss(y_ref), (coeff, bank)))
+        assert counted.calls == native_calls, (entries, transposed)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 

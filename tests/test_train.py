@@ -35,9 +35,10 @@ def test_default_run_writes_run_directory(make_cfg):
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved["status"] == "finished" and saved["epochs"] == 2 and saved["steps"] == 6
     for key in ("best_top1", "best_top5", "final_top1", "params", "wall_time_s", "images_per_s", "device",
-                "torch", "git_commit", "hardware"):
+                "torch", "git_commit", "hardware", "cpu_heap"):
         assert key in saved, key
     assert saved["params"] > 0
+    assert saved["cpu_heap"].startswith("keep"), saved["cpu_heap"]  # trainer.cpu_heap's default on CPU
 
 
 class _KillAt:
@@ -99,6 +100,7 @@ def test_killed_run_resumes_exactly(make_cfg, monkeypatch, every, kill_step, exp
     ("trainer.epochs=-1", "trainer.epochs must be a positive integer"),
     ("model.name=resnet21", "Valid backbones"),
     ("data=cifar10", "data.download=true"),
+    ("trainer.cpu_heap=tcmalloc", "trainer.cpu_heap must be one of keep, default"),
 ])
 def test_bad_input_is_one_clear_error(make_cfg, tmp_path, override, fragment):
     extra = [f"data.root={tmp_path / 'nowhere'}"] if override == "data=cifar10" else []

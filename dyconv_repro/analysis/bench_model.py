@@ -20,6 +20,11 @@ peak memory of one training step / one large-batch inference:
   Heap fragmentation makes single readings noisy (+-20-30%), so it is read in every round and the
   median is reported.
 
+On CPU the run keeps freed memory in the heap between calls (``--cpu-heap keep``, what the trainer does on
+CPU; engine/cpu_heap.py), so no model pays for faulting its transient tensors in anew each step; the memory
+figures are unaffected (``malloc_trim(0)`` returns that memory before each reading). ``--cpu-heap default``
+measures with the allocator as it is.
+
 Re-parameterizable operators (those where `reparameterize_model` or `decompose_model` changes the
 model) also get `<op>[deploy]` / `<op>[decomposed]` rows (inference only). `peers=True` adds timm's
 `efficientnet_cc_b0_4e` against our CondConv EfficientNet-B0 and timm's `mixnet_s` against our
@@ -30,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import ctypes
 import datetime as _dt
 import gc
 import json
@@ -49,6 +53,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dyconv_repro.engine import cpu_heap
 from dyconv_repro.errors import UserError
 from dyconv_repro.ops import native
 
@@ -245,19 +250,6 @@ def deploy_variants(case: Case) -> list[Case]:
 
 
 # ----------------------------------------------------------------------------- memory
-_LIBC = None
-
-
-def _malloc_trim() -> None:
-    global _LIBC
-    try:
-        if _LIBC is None:
-            _LIBC = ctypes.CDLL("libc.so.6")
-        _LIBC.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _status_kb(key: str) -> int:
     with open("/proc/self/status") as f:
         m = re.search(rf"^{key}:\s+(\d+)\s*kB", f.read(), re.M)
@@ -277,7 +269,7 @@ def peak_memory_mb(fn, device: torch.device) -> float:
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     try:
-        _malloc_trim()
+        cpu_heap.release()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
         before = _status_kb("VmRSS")
@@ -296,6 +288,7 @@ class Settings:
     channels_last: bool = False
     compile: bool = False
     threads: int = 2
+    cpu_heap: str = "keep"  # engine/cpu_heap.py: keep | default
     repeats: int = 5
     warmup: int = 2
     train_batch: int = 32
@@ -435,6 +428,8 @@ def run_cases(cases: list[Case], s: Settings, progress=print) -> tuple[list[dict
     from dyconv_repro.analysis.complexity import count_madds, count_params
 
     torch.set_num_threads(s.threads)
+    if s.device == "cpu":
+        cpu_heap.configure(s.cpu_heap)
     if s.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available; use --device cpu")
     loads = [_load()]
@@ -678,7 +673,8 @@ def page(rows: list[dict], meta: dict, checks: list[dict], name: str) -> str:
         f"- software: torch {hw['torch']}, timm {hw.get('timm', '?')}, Python {hw['python']}, {hw['platform']}; "
         f"native kernels {hw.get('native_batch_one', 'not recorded')}",
         f"- device {s['device']}, threads {s['threads']}, amp {s['amp'] or 'off'}, channels_last "
-        f"{s['channels_last']}, compile {s['compile']}",
+        f"{s['channels_last']}, compile {s['compile']}"
+        + (f"; CPU heap {s['cpu_heap_line']}" if s.get("cpu_heap_line") else ""),
         f"- training batch {s['train_batch']} (SGD momentum 0.9, cross-entropy), inference batch 1 and "
         f"{s['infer_batch']}; {s['warmup']} warm-up call(s), median of {s['repeats']} interleaved rounds, "
         f"each timed block >= {s['min_block_s']} s (batch-1 latency: the median call of each block)",
@@ -724,6 +720,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true", help="channels_last models and inputs")
     p.add_argument("--compile", action="store_true", help="torch.compile every model (compile time is warm-up)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--cpu-heap", default="keep", choices=cpu_heap.MODES,
+                   help="keep: glibc keeps freed memory for the next step, as the trainer does on CPU (default); "
+                        "default: the allocator as it is (see dyconv_repro/engine/cpu_heap.py)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 5; --quick 1)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls per model and metric, the last one also sizes the blocks and measures memory (default 2; quick 1)")
     p.add_argument("--batch", type=int, default=None, help="training batch (default 32 on CPU, 128 on CUDA)")
@@ -766,7 +765,7 @@ def settings_from(args) -> Settings:
         raise UserError(f"--device {args.device!r}: use cpu, cuda or cuda:N")
     return Settings(
         device=args.device, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
-        threads=args.threads, repeats=args.repeats or (1 if args.quick else 5),
+        threads=args.threads, cpu_heap=args.cpu_heap, repeats=args.repeats or (1 if args.quick else 5),
         warmup=args.warmup if args.warmup is not None else (1 if args.quick else 2),
         train_batch=args.batch or (128 if cuda else 32), infer_batch=args.infer_batch or (256 if cuda else 32),
         min_block_s=args.min_block if args.min_block is not None else (0.0 if args.quick else 0.2))
@@ -808,7 +807,8 @@ def run_model(args) -> dict:
     rows, load = run_cases(cases, s, progress=lambda m: print(m, flush=True))
     meta = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": command_line(getattr(args, "argv", None)), "hardware": hardware(), "load": load,
-            "settings": vars(s), "wall_s": round(time.time() - t0, 1), "shared": bool(args.shared),
+            "settings": {**vars(s), "cpu_heap_line": cpu_heap.describe(s.cpu_heap) if s.device == "cpu" else None},
+            "wall_s": round(time.time() - t0, 1), "shared": bool(args.shared),
             "note": args.note, "train_batch": s.train_batch, "infer_batch": s.infer_batch}
     checks = check_targets(rows)
     print()

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from dyconv_repro.engine import checkpoint as ckpt
+from dyconv_repro.engine import cpu_heap
 from dyconv_repro.engine.distributed import (
     DistInfo,
     all_gather_object,
@@ -80,6 +81,9 @@ def validate_config(cfg: DictConfig) -> None:
                             "or model.pretrained=true (or op.kwargs.basis=random for the random-basis ablation)")
         if cfg.op.name != "refconv":
             raise UserError(f"recipe.refocus needs op=refconv, got op={cfg.op.name}")
+    heap = cfg.trainer.get("cpu_heap", "keep")
+    if heap not in cpu_heap.MODES:
+        raise UserError(f"trainer.cpu_heap must be one of {', '.join(cpu_heap.MODES)}, got {heap!r}")
     msp = cfg.trainer.get("max_steps_per_epoch")
     if msp is not None and int(msp) <= 0:
         raise UserError(f"trainer.max_steps_per_epoch must be positive or null, got {msp}")
@@ -130,6 +134,9 @@ class Trainer:
         self.info: DistInfo = init_distributed(self.device.type)
         if self.device.type == "cuda" and self.info.enabled:
             self.device = torch.device("cuda", self.info.local_rank)
+        # process-wide, so set here (never on import): see engine/cpu_heap.py for why and what it costs
+        self.cpu_heap = (cpu_heap.configure(cfg.trainer.get("cpu_heap", "keep"))
+                         if self.device.type == "cpu" else None)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.trainer.amp or "")
         if cfg.trainer.get("deterministic", True) and self.device.type == "cuda":
             torch.backends.cudnn.benchmark = False
@@ -343,6 +350,8 @@ class Trainer:
                      cfg.model.name, cfg.op.name, complexity["params"] / 1e6,
                      f"{complexity['madds'] / 1e6:.1f}M" if complexity.get("madds") else "n/a",
                      self.steps_per_epoch, epochs, effective_lr(cfg.recipe), hardware(self.device))
+            if self.cpu_heap:
+                log.info("CPU heap: %s", self.cpu_heap)
         for h in hooks:
             h.on_train_start(self)
 
@@ -555,6 +564,7 @@ class Trainer:
             "device": str(self.device),
             "world_size": self.info.world_size,
             "hardware": hardware(self.device),
+            "cpu_heap": self.cpu_heap,
             "torch": torch.__version__,
             "git_commit": git_commit(),
         }
