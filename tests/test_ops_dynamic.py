@@ -434,3 +434,22 @@ def test_gap_custom_backward_matches_mean():
     (got,) = torch.autograd.grad(gap(x_cl), x_cl, g)
     (want,) = torch.autograd.grad(x.mean((2, 3)), x, g)
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("name", ("condconv", "dynamicconv"))
+def test_training_with_the_native_bank_mix_equals_reference(name, monkeypatch):
+    """A bank big enough for the native mix (32->32 3x3: 9216 entries a kernel) trained through the fold:
+    output and every gradient == the aten per-sample reference; the native mix ran forward and for the bank's
+    gradient."""
+    from dyconv_repro.ops.shared import NATIVE_MIX_MIN
+    from tests.conftest import count_native_calls
+
+    counted = count_native_calls(monkeypatch, "bank_mix_batch")
+    kwargs = {"num_experts": 4} if name == "condconv" else {}
+    op = build_op(name, 32, 32, 3, bias=True, **kwargs).train()
+    assert op.weight[0].numel() >= NATIVE_MIX_MIN
+    x = torch.randn(3, 32, 6, 6)
+    y_ref, gx_ref, gp_ref = _grads(op, x, op.reference_forward)
+    assert counted.calls == 0  # the reference is aten only
+    _assert_same(_grads(op, x, op), (y_ref, gx_ref, gp_ref), name)
+    assert counted.calls == 2
