@@ -53,7 +53,7 @@ def test_unknown_mode_names_the_valid_ones():
 
 
 def test_other_c_libraries_are_left_alone(monkeypatch):
-    monkeypatch.setattr(cpu_heap, "_libc", None)
+    monkeypatch.setattr(cpu_heap, "_libc", cpu_heap._UNSET)  # looked up again, with the patched libc_ver
     monkeypatch.setattr(cpu_heap, "_kept", False)
     monkeypatch.setattr(cpu_heap.platform, "libc_ver", lambda: ("", ""))
     assert cpu_heap.configure("keep") == "allocator default (not glibc: cpu_heap=keep does nothing here)"

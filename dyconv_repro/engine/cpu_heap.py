@@ -31,20 +31,22 @@ MMAP_THRESHOLD = 32 << 20  # glibc's maximum on 64-bit (HEAP_MAX_SIZE / 2)
 TRIM_THRESHOLD = 1 << 30
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
 
-_libc = None
+_UNSET = object()
+_libc = _UNSET
 _kept = False
 
 
 def _glibc():
-    """glibc through ctypes, or None where the C library is something else."""
+    """glibc through ctypes, or None where the C library is something else; looked up once (libc_ver scans
+    the interpreter's binary, and `release()` runs before every memory reading of the benchmark)."""
     global _libc
-    if _libc is None:
-        if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-            return None
-        try:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        except OSError:
-            return None
+    if _libc is _UNSET:
+        _libc = None
+        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+            try:
+                _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            except OSError:
+                pass
     return _libc
 
 
