@@ -20,6 +20,8 @@ from dyconv_repro.engine import cpu_heap
 def rss_mb():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+torch.set_num_threads(1)  # no thread pool starts (its stacks would count as held memory) during the probe
+torch.ones(64).add_(1)  # the first aten call's own one-time allocations, outside the measurement
 line = cpu_heap.configure(sys.argv[1])
 before = rss_mb()
 t = torch.ones(4 << 20)
