@@ -48,7 +48,7 @@ def native_kernel():
     """The native kernels, built here if `make install` did not (None only without a C++ toolchain)."""
     import shutil
 
-    from dyconv_repro.ops import native
+    from dyconv_repro.ops.cpu import native
 
     if native.disabled():
         return None
@@ -87,7 +87,7 @@ class CountingNative:
 
 def count_native_calls(monkeypatch, prefix: str) -> CountingNative:
     """Route `native.get()` through a CountingNative for this test (skips without a C++ toolchain)."""
-    from dyconv_repro.ops import native
+    from dyconv_repro.ops.cpu import native
 
     wrapper = CountingNative(native_kernel_or_skip(), prefix)
     monkeypatch.setattr(native, "get", lambda: wrapper)
@@ -98,7 +98,7 @@ def count_native_calls(monkeypatch, prefix: str) -> CountingNative:
 def batch_one_impl(request, monkeypatch):
     """Run a test once with the Python batch-1 path and once with the native kernel (skipped only on a
     machine without a C++ toolchain); the fixture's value is the implementation name."""
-    from dyconv_repro.ops import native
+    from dyconv_repro.ops.cpu import native
 
     if request.param == "python":
         monkeypatch.setattr(native, "get", lambda: None)

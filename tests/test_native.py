@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dyconv_repro.ops import build_op, native
+from dyconv_repro.ops import build_op
+from dyconv_repro.ops.cpu import native
 from tests.conftest import count_native_calls
 
 ATOL = 1e-5
@@ -109,7 +110,9 @@ def test_native_bank_mix_equals_mm(rows, k, n, monkeypatch):
 def test_aggregate_uses_the_native_mix_and_its_gradients_equal_mm_s(monkeypatch):
     """aggregate() of a big bank runs the native mix (a small one stays mm), and so does the bank's gradient
     when the incoming gradient is contiguous (a transposed one takes mm); values and gradients == mm."""
-    from dyconv_repro.ops.shared import NATIVE_MIX_MIN, _NativeBankMix, aggregate
+    from dyconv_repro.ops.cpu.kernels import NATIVE_MIX_MIN
+    from dyconv_repro.ops.cpu.kernels import NativeBankMix as _NativeBankMix
+    from dyconv_repro.ops.engine import aggregate
 
     counted = count_native_calls(monkeypatch, "bank_mix_batch")
     for entries, transposed, native_calls in ((NATIVE_MIX_MIN, False, 2), (NATIVE_MIX_MIN, True, 1),
@@ -147,7 +150,9 @@ def test_reference_forward_never_runs_native_code(monkeypatch):
 
 
 def _plan(op):
-    return op.__dict__.get("_one_plan")
+    from dyconv_repro.ops.cpu.batch_one import PLAN
+
+    return op.__dict__.get(PLAN)
 
 
 @pytest.mark.parametrize("name", ["dynamicconv", "condconv", "weightnet"])

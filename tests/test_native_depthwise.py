@@ -7,10 +7,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dyconv_repro.ops import build_op
-from dyconv_repro.ops.shared import dynamic_conv2d, loop_conv2d, select_path
+from dyconv_repro.ops.engine import ConvCall, dynamic_conv2d, loop_conv2d
+from dyconv_repro.ops.engine import select_path as choose
 from tests.conftest import count_native_calls
 
 CL = torch.channels_last
+
+
+def select_path(x, weight, stride, padding, groups):
+    """The dispatch point's choice for these per-sample kernels on x."""
+    return choose(ConvCall.of(x, weight, stride, padding, (1, 1), groups))
 
 # (channels, batch, kernel, stride, padding, dilation, map): channel counts off the 8-lane vector width and
 # over one 64-channel gradient block (batch 1 splits channels into blocks, larger batches split samples);

@@ -10,11 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from dyconv_repro.errors import UserError
-from dyconv_repro.ops import build_op
+from dyconv_repro.ops import OPS, build_op
 from dyconv_repro.ops.condconv import CondLinear
-from dyconv_repro.ops.shared import dynamic_conv2d, loop_conv2d
+from dyconv_repro.ops.cpu import batch_one, rules, stream
+from dyconv_repro.ops.engine import DynamicConvOp, backends_disabled, dynamic_conv2d, loop_conv2d
 
-DYNAMIC = ("condconv", "dynamicconv", "weightnet", "dynet")
+# every registered per-sample-kernel op is in the grid (a new op is tested without being listed here)
+DYNAMIC = tuple(n for n in OPS.names() if issubclass(OPS.get(n), DynamicConvOp))
+# the ops whose kernel is a linear mix of parameters (the streamed path) / that have a specialized batch-1 routing
+FACTORED = tuple(n for n in DYNAMIC if OPS.get(n).kernel_factors is not DynamicConvOp.kernel_factors)
+BATCH_ONE = tuple(n for n in DYNAMIC if OPS.get(n) in batch_one.KERNEL_ONE)
 ATOL = 1e-5
 
 
@@ -82,13 +87,11 @@ def _assert_same(got, want, where):
         torch.testing.assert_close(gp[n], gp_ref[n], atol=1e-4, rtol=1e-4, msg=lambda m, n=n: f"{where} {n}: {m}")
 
 
-@pytest.mark.parametrize("name", DYNAMIC)
-def test_fast_paths_equal_reference(name):
-    """Every path (auto/fold/matmul), NCHW and channels_last, == per-sample loop: outputs and gradients."""
+def assert_paths_equal_reference(name: str, **kwargs) -> None:
+    """Every path (auto/fold/matmul), NCHW and channels_last, == per-sample loop: outputs and gradients, over
+    the regimes the path selector distinguishes (used for every registered op and by test_new_op.py)."""
     for cin, cout, k, s, g, b in _regimes():
-        op = build_op(name, cin, cout, k, stride=s, groups=g, bias=True)
-        if name == "dynet":
-            op.fused = True
+        op = build_op(name, cin, cout, k, stride=s, groups=g, bias=True, **kwargs)
         x = torch.randn(b, cin, 7, 7)
         y_ref, gx_ref, gp_ref = _grads(op, x, op.reference_forward)
         paths = ["auto", "fold"] + (["matmul"] if k == 1 and g == 1 else [])
@@ -98,27 +101,41 @@ def test_fast_paths_equal_reference(name):
             _assert_same(_grads(op, xx, op), (y_ref, gx_ref, gp_ref), (cin, cout, k, s, g, b, path, cl))
 
 
+@pytest.mark.parametrize("name", DYNAMIC)
+def test_fast_paths_equal_reference(name):
+    assert_paths_equal_reference(name)
+
+
+@pytest.mark.parametrize("name", DYNAMIC)
+def test_fast_paths_equal_reference_without_backends(name):
+    """The bare library (no backend: what CUDA and every other device get) is exact too."""
+    with backends_disabled():
+        assert_paths_equal_reference(name)
+
+
+def test_the_seven_papers_dynamic_ops_are_in_the_grids():
+    """A removed or renamed op fails here instead of silently leaving the grids."""
+    assert {"condconv", "dynamicconv", "weightnet", "dynet"} <= set(DYNAMIC)
+    assert {"condconv", "dynamicconv", "weightnet"} <= set(FACTORED) and set(BATCH_ONE) == set(FACTORED)
+
+
 def test_stream_chunk_rules():
-    from dyconv_repro.ops.shared import STREAM_CHUNK_ELEMS, STREAM_MIN_CHUNK, stream_chunk
-
-    assert stream_chunk(32, 512 * 512 * 9) == STREAM_MIN_CHUNK  # big kernels: never fewer than the minimum
-    assert stream_chunk(3, 512 * 512 * 9) == 3
-    assert stream_chunk(64, 64 * 64 * 9) == min(64, STREAM_CHUNK_ELEMS // (64 * 64 * 9))
+    assert stream.stream_chunk(32, 512 * 512 * 9) == stream.STREAM_MIN_CHUNK  # big kernels: never fewer than the minimum
+    assert stream.stream_chunk(3, 512 * 512 * 9) == 3
+    assert stream.stream_chunk(64, 64 * 64 * 9) == min(64, stream.STREAM_CHUNK_ELEMS // (64 * 64 * 9))
 
 
-@pytest.mark.parametrize("name", ("condconv", "dynamicconv", "weightnet"))
+@pytest.mark.parametrize("name", FACTORED)
 def test_streamed_path_equals_reference(name, monkeypatch):
     """The streamed path (kernels regenerated chunk-wise into scratch, hand-written mix gradients) ==
     per-sample loop: outputs and gradients, in both chunk modes (grouped fold / one conv per sample),
     with batches split into several chunks, NCHW and channels_last; and its no-grad forward."""
-    import dyconv_repro.ops.shared as shared
-
     for loop_mode in (False, True):
         # tiny chunks (several per batch); loop_mode sends every chunk down the per-sample branch
-        monkeypatch.setattr(shared, "STREAM_CHUNK_ELEMS", 700)
-        monkeypatch.setattr(shared, "STREAM_MIN_CHUNK", 1)
-        monkeypatch.setattr(shared, "LOOP_MIN_MACS", 0 if loop_mode else 10**12)
-        monkeypatch.setattr(shared, "LOOP_MIN_DW_PIXELS", 0 if loop_mode else 10**12)
+        monkeypatch.setattr(stream, "STREAM_CHUNK_ELEMS", 700)
+        monkeypatch.setattr(stream, "STREAM_MIN_CHUNK", 1)
+        monkeypatch.setattr(rules, "LOOP_MIN_MACS", 0 if loop_mode else 10**12)
+        monkeypatch.setattr(rules, "LOOP_MIN_DW_PIXELS", 0 if loop_mode else 10**12)
         for cin, cout, k, s, g, b in _regimes():
             op = build_op(name, cin, cout, k, stride=s, groups=g, bias=True)
             x = torch.randn(b, cin, 7, 7)
@@ -135,18 +152,14 @@ def test_streamed_path_equals_reference(name, monkeypatch):
 def test_auto_path_regimes_equal_reference(name, monkeypatch):
     """What `auto` picks per regime (batch-1 scratch kernel, no-grad streaming, training streaming of
     big dense kernels) == reference; the scratch buffer is reused across calls without stale results."""
-    import dyconv_repro.ops.shared as shared
-
     op = build_op(name, 8, 6, 3, bias=True).eval()
-    if name == "dynet":
-        op.fused = True
     for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode):  # scratch made in one, used in the next
         with mode():
             for b in (1, 3):
                 for _ in range(2):  # second call reuses the scratch kernel: must not see the first call's kernel
                     x = torch.randn(b, 8, 6, 6)
                     torch.testing.assert_close(op(x), op.reference_forward(x), atol=ATOL, rtol=1e-4)
-    monkeypatch.setattr(shared, "LOOP_MIN_KERNEL", 1)  # the training regime of big dense kernels
+    monkeypatch.setattr(rules, "LOOP_MIN_KERNEL", 1)  # the training regime of big dense kernels
     op.train()
     x = torch.randn(3, 8, 6, 6)
     y_ref, gx_ref, gp_ref = _grads(op, x, op.reference_forward)
@@ -155,14 +168,14 @@ def test_auto_path_regimes_equal_reference(name, monkeypatch):
     torch.testing.assert_close(gx, gx_ref, atol=ATOL, rtol=1e-4)
     for n in gp:
         torch.testing.assert_close(gp[n], gp_ref[n], atol=1e-4, rtol=1e-4)
-    assert (op._streams(x) if name != "dynet" else True)
-    if name == "dynet":
+    assert stream.streams(op, x) == (name in FACTORED)
+    if name not in FACTORED:
         op.path = "stream"
         with pytest.raises(ValueError):
             op(x)
 
 
-@pytest.mark.parametrize("name", ("condconv", "dynamicconv", "weightnet"))
+@pytest.mark.parametrize("name", FACTORED)
 def test_pooled_alias_gradients_equal_plain_gap_and_support_double_backward(name):
     """Training forward pools through `pool_tee` (routing gradient added into the conv's in place): x's
     gradient == the reference's (plain GAP, autograd's sum), and with create_graph the second-order
@@ -181,7 +194,7 @@ def test_pooled_alias_gradients_equal_plain_gap_and_support_double_backward(name
 
 
 def test_mlp_head_functional_forward_equals_modules_and_keeps_hooks():
-    from dyconv_repro.ops.shared import mlp_head
+    from dyconv_repro.ops.layers import mlp_head
 
     head = mlp_head(8, 4, 2)
     z = torch.randn(3, 8)
@@ -222,7 +235,7 @@ def test_sample_alone_equals_in_batch(name, batch_one_impl):
                                                msg=lambda m, w=(k, g, s, i): f"{w}: {m}")
 
 
-@pytest.mark.parametrize("name", ["condconv", "dynamicconv", "weightnet"])
+@pytest.mark.parametrize("name", BATCH_ONE)
 def test_batch_one_path_follows_every_parameter_change(name, batch_one_impl):
     """The batch-1 path caches views of the bank and the scratch kernel, and DY-Conv's 1/tau: its output must
     follow in-place updates (an optimizer step), replaced storage (.data =), load_state_dict, set_temperature,
@@ -257,7 +270,7 @@ def test_batch_one_path_follows_every_parameter_change(name, batch_one_impl):
         torch.testing.assert_close(op(x), op.reference_forward(x), atol=ATOL, rtol=1e-4)
     check()
     twin = copy.deepcopy(op)
-    assert "_one_views" not in twin.__dict__ and "_tau_cache" not in twin.__dict__
+    assert batch_one.VIEWS in op.__dict__ and not any(k.startswith("_backend_") for k in twin.__dict__)
     with torch.no_grad():
         twin.weight.mul_(-1) if name != "weightnet" else twin.fc2.mul_(-1)
     check(twin)
@@ -269,7 +282,7 @@ def test_batch_one_generic_path_equals_reference(kwargs):
     """Ops without a specialized batch-1 routing (WeightNet with M/G > 1, DyNet) take the generic scratch path."""
     kwargs = dict(kwargs)
     op = build_op(kwargs.pop("name"), 6, 6, 3, bias=True, **kwargs).eval()
-    assert op.kernel_one(torch.randn(1, 6, 5, 5)) is None
+    assert batch_one.kernel_one(op, torch.randn(1, 6, 5, 5)) is None
     x = torch.randn(1, 6, 5, 5)
     with torch.no_grad():
         torch.testing.assert_close(op(x), op.reference_forward(x), atol=ATOL, rtol=1e-4)
@@ -425,7 +438,7 @@ def test_dynet_mode_switch_and_no_fake_reparameterize(monkeypatch):
 
 
 def test_gap_custom_backward_matches_mean():
-    from dyconv_repro.ops.shared import gap
+    from dyconv_repro.ops.engine import gap
 
     x = torch.randn(2, 3, 4, 5, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(gap, (x,))
@@ -441,7 +454,7 @@ def test_training_with_the_native_bank_mix_equals_reference(name, monkeypatch):
     """A bank big enough for the native mix (32->32 3x3: 9216 entries a kernel) trained through the fold:
     output and every gradient == the aten per-sample reference; the native mix ran forward and for the bank's
     gradient."""
-    from dyconv_repro.ops.shared import NATIVE_MIX_MIN
+    from dyconv_repro.ops.cpu.kernels import NATIVE_MIX_MIN
     from tests.conftest import count_native_calls
 
     counted = count_native_calls(monkeypatch, "bank_mix_batch")

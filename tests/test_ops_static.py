@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from dyconv_repro.errors import UserError
+from dyconv_repro.models.deploy import decompose_pays, deploy_transform
 from dyconv_repro.ops import build_op
 from dyconv_repro.ops.mixconv import MixConv, split_channels
 from dyconv_repro.ops.refconv import RefConv
@@ -63,9 +64,8 @@ def test_conv_parity_grid(variant):
         if variant == "structured-par":  # the decomposition must reproduce every geometry exactly
             with torch.no_grad():
                 for xin in (x0, x0.to(memory_format=torch.channels_last)):
-                    for always in (False, True):  # the pool + small conv form and the rule's choice
-                        torch.testing.assert_close(op.decompose(always=always)(xin), op(x0), atol=1e-5,
-                                                   rtol=1e-4, msg=f"{tag} always={always}")
+                    for form in (op.decompose(), deploy_transform(op, "auto")):  # pool + small conv; the rule's choice
+                        torch.testing.assert_close(form(xin), op(x0), atol=1e-5, rtol=1e-4, msg=tag)
         if variant == "mixconv" and g > 1:  # split and fused implementations agree
             with torch.no_grad():
                 op.impl = "split"
@@ -169,9 +169,9 @@ def test_structured_from_alpha_is_exact(geom):
     x = torch.randn(2, geom["cin"], 10, 10)
     with torch.no_grad():
         y = op(x)
-        assert len(op.decompose()) == 1  # these small layers keep the dense conv (the pool would not pay)
-        torch.testing.assert_close(op.decompose()(x), y, atol=1e-4, rtol=1e-4)
-        dec = op.decompose(always=True)
+        assert not decompose_pays(op)  # these small layers keep the dense conv under decompose=auto
+        torch.testing.assert_close(deploy_transform(op, "auto")(x), y, atol=1e-4, rtol=1e-4)
+        dec = op.decompose()
         assert dec[1].weight.shape == (geom["cout"], geom["c"], geom["n"], geom["n"])
         torch.testing.assert_close(dec(x), y, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(op.reparameterize()(x), y, atol=1e-4, rtol=1e-4)
@@ -195,7 +195,7 @@ def test_structured_random_kernel_loss_and_descent():
     # regularize-mode deployment projects: deploy == decompose, and == training output up to the residual
     x = torch.randn(2, 8, 7, 7)
     with torch.no_grad():
-        torch.testing.assert_close(op.decompose(always=True)(x), op.reparameterize()(x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(op.decompose()(x), op.reparameterize()(x), atol=1e-4, rtol=1e-4)
 
 
 def test_structured_parameterize_and_linear():
@@ -208,7 +208,7 @@ def test_structured_parameterize_and_linear():
     lin = StructuredLinear(10, 3, c=4, mode="parameterize")
     x = torch.randn(5, 10)
     with torch.no_grad():
-        torch.testing.assert_close(lin.decompose(always=True)(x), lin(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(lin.decompose()(x), lin(x), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(lin.reparameterize()(x), lin(x))
     lin_r = StructuredLinear(10, 3)
     assert lin_r.regularization_loss().item() > 0.1 and set(lin_r.state_dict()) == {"weight", "bias"}

@@ -1,4 +1,4 @@
-"""Structured Convolutions: the fast sum-pool paths and the decompose-or-keep-dense rule."""
+"""Structured Convolutions: the sum-pool paths and deploy's decompose-or-keep-dense rule (decompose=auto)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dyconv_repro.ops import native
-from dyconv_repro.ops.structured import (
-    DECOMPOSE_MIN_GAIN,
-    StructuredConv2d,
-    StructuredLinear,
-    SumPool,
-    SumPool1d,
-    _channel_box_running,
-    channel_box_sum,
-)
+from dyconv_repro.models.deploy import DECOMPOSE_MIN_GAIN, deploy_transform
+from dyconv_repro.ops.cpu import native
+from dyconv_repro.ops.cpu.sum_pool import channel_box_running
+from dyconv_repro.ops.engine import backends_disabled
+from dyconv_repro.ops.structured import StructuredConv2d, StructuredLinear, SumPool, SumPool1d, channel_box_sum
 from tests.conftest import count_native_calls
 
 
@@ -37,13 +32,15 @@ GRID = [g for g in itertools.product((1, 6), (1, 3), (1, 2, 4), (1, 2, 3), (0, 1
         if g[2] <= g[0]]
 
 
-@pytest.mark.parametrize("impl", ["aten", "native"])
+@pytest.mark.parametrize("impl", ["bare", "aten", "native"])
 def test_sumpool_matches_reference_grid(impl, monkeypatch):
-    """Both implementations equal the 3-D conv reference; the native one (csrc/sum_pool.cpp) runs for every
-    NCHW and channels_last input, the aten one whenever native code is suspended or not built."""
+    """Every implementation equals the 3-D conv reference: the device-agnostic one (no backend), the CPU
+    backend's aten one (native code suspended or not built) and the native one (csrc/sum_pool.cpp), which runs
+    for every NCHW and channels_last input."""
     counted = count_native_calls(monkeypatch, "sum_pool") if impl == "native" else None
     torch.manual_seed(0)
-    with native.suspended() if impl == "aten" else contextlib.nullcontext():
+    context = {"bare": backends_disabled, "aten": native.suspended}.get(impl, contextlib.nullcontext)
+    with context():
         for cpg, groups, wc, ws, p, d, cl in GRID:
             x = torch.randn(2, cpg * groups, 7, 8)
             if cl:
@@ -91,21 +88,24 @@ def test_channel_box_paths_agree(channels, window):
     x = torch.randn(3, channels, 5, 6)
     ref = x.double().unfold(1, window, 1).sum(-1)
     torch.testing.assert_close(channel_box_sum(x, window).double(), ref, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(_channel_box_running(x, window).double(), ref, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(channel_box_running(x, window).double(), ref, atol=1e-4, rtol=1e-5)
     xl = x.to(memory_format=torch.channels_last)
     torch.testing.assert_close(channel_box_sum(xl, window).double(), ref, atol=1e-4, rtol=1e-5)
 
 
 def test_sumpool_large_nchw_map_uses_running_window_exactly():
     """Large maps: the running-window channel path (NCHW slab >= 32768) and the depthwise ones-conv
-    spatial path (channels_last, > 16384 elements) still give the reference sum."""
+    spatial path (channels_last, > 16384 elements) still give the reference sum, as does the device-agnostic
+    form (cumsum channel box, no per-channel loop)."""
     torch.manual_seed(0)
     x = torch.randn(2, 12, 128, 130)
     for d in (1, 2):
         pool = SumPool(12, 1, (7, 2, 2), (1, 1), (d, d))
         ref = _reference_sumpool(x.double(), 12, 1, (7, 2, 2), (1, 1), (d, d))
         for xin in (x, x.to(memory_format=torch.channels_last)):
-            torch.testing.assert_close(pool(xin).double(), ref, atol=1e-4, rtol=1e-5)
+            with native.suspended():
+                torch.testing.assert_close(pool(xin).double(), ref, atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(pool.box_sum(xin).double(), ref, atol=1e-4, rtol=1e-5)
 
 
 def test_sumpool1d_matches_unfold():
@@ -132,11 +132,11 @@ def test_decompose_rule_and_both_forms_equal_training_form(cin, cout, k, kw, dec
     x = torch.randn(2, cin, 9, 9)
     with torch.no_grad():
         y = op(x)
-        auto, full = op.decompose(), op.decompose(always=True)
-        assert isinstance(auto, nn.Sequential) and isinstance(full[0], SumPool)
-        assert isinstance(auto[0], SumPool) == decomposes
+        auto, full = deploy_transform(op, "auto"), op.decompose()  # decompose() is always the decomposition
+        assert isinstance(full, nn.Sequential) and isinstance(full[0], SumPool)
+        assert isinstance(auto, nn.Sequential) == decomposes
         if not decomposes:
-            assert len(auto) == 1 and type(auto[0]) is nn.Conv2d
+            assert type(auto) is nn.Conv2d
         for form in (auto, full):
             for xin in (x, x.to(memory_format=torch.channels_last)):
                 torch.testing.assert_close(form(xin), y, atol=1e-4, rtol=1e-4)
@@ -148,7 +148,8 @@ def test_linear_decompose_rule():
     big = StructuredLinear(64, 400, c=32, mode="parameterize").eval()    # gain 200: pool + small FC
     x = torch.randn(5, 64)
     with torch.no_grad():
-        assert type(wide.decompose()[0]) is nn.Linear and isinstance(big.decompose()[0], SumPool1d)
+        assert type(deploy_transform(wide, "auto")) is nn.Linear
+        assert isinstance(deploy_transform(big, "auto")[0], SumPool1d) and isinstance(wide.decompose()[0], SumPool1d)
         for lin in (wide, big):
-            for form in (lin.decompose(), lin.decompose(always=True)):
+            for form in (lin.decompose(), deploy_transform(lin, "auto")):
                 torch.testing.assert_close(form(x), lin(x), atol=1e-4, rtol=1e-4)

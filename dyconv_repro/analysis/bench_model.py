@@ -55,7 +55,7 @@ from torch import nn
 
 from dyconv_repro.engine import cpu_heap
 from dyconv_repro.errors import UserError
-from dyconv_repro.ops import native
+from dyconv_repro.ops.engine.dispatch import backend_status
 
 CIFAR_BACKBONES = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
 DEFAULT_MODELS = "mobilenet_v2,resnet18,resnet20"
@@ -236,12 +236,14 @@ def build_case(case: Case) -> nn.Module:
 
 
 def deploy_variants(case: Case) -> list[Case]:
-    """`[deploy]` (reparameterize_model) and `[decomposed]` (decompose_model) rows where they change the model."""
-    from dyconv_repro.ops.walkers import decompose_model, iter_capable, reparameterize_model
+    """`[deploy]` (reparameterize_model) and `[decomposed]` (the deploy tool's decompose=auto: the structured
+    layers where the SumPool pays on CPU decomposed, the others plain convs) rows where they change the model."""
+    from dyconv_repro.models.deploy import deploy_transform
+    from dyconv_repro.ops.walkers import iter_capable, reparameterize_model
 
     out = []
     for kind, attr, fn in (("deploy", "reparameterize", reparameterize_model),
-                           ("decomposed", "decompose", decompose_model)):
+                           ("decomposed", "decompose", lambda m: deploy_transform(m, "auto"))):
         if next(iter_capable(case.model, attr), None) is None:
             continue
         out.append(Case(case.group, f"{case.label}[{kind}]", case.overrides, case.image_size, case.num_classes,
@@ -601,7 +603,7 @@ def hardware() -> dict:
     hw = {"cpu": cpu, "logical_cpus": os.cpu_count(),
           "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
           "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-          "native_batch_one": native.status()}
+          "native_batch_one": backend_status("cpu")}
     try:
         import timm
 
@@ -801,7 +803,7 @@ def run_model(args) -> dict:
     cases = plan_cases(args.models, args.ops, list(args.overrides), args.image_size, args.num_classes, args.peers)
     print(f"benchmarking {len(cases)} models on {s.device} (threads={s.threads}, train batch {s.train_batch}, "
           f"infer batch 1/{s.infer_batch}, {s.repeats} rounds, torch {torch.__version__}, native kernels "
-          f"{native.status()}, load {_load():.2f})",
+          f"{backend_status('cpu')}, load {_load():.2f})",
           flush=True)
     t0 = time.time()
     rows, load = run_cases(cases, s, progress=lambda m: print(m, flush=True))

@@ -9,7 +9,7 @@ import torch
 from dyconv_repro.analysis.bench_model import add_model_parser
 from dyconv_repro.cli.common import user_errors_exit
 from dyconv_repro.errors import UserError
-from dyconv_repro.ops import native
+from dyconv_repro.ops.engine.dispatch import backend_status
 
 
 def add_ops_parser(sub) -> None:
@@ -44,7 +44,7 @@ def _run_ops(args) -> None:
     rows = []
     for dev in devices:
         print(f"benchmarking on {dev} (threads={args.threads}, batch 1 and {batch}, repeats={repeats}, "
-              f"torch {torch.__version__}, native kernels {native.status()})", flush=True)
+              f"torch {torch.__version__}, native kernels {backend_status('cpu')})", flush=True)
         rows += bench_ops.run(dev, args.threads, repeats, batch, shapes, args.ops, tuple(args.formats),
                               min_block_s=0.02 if args.quick else 0.05)
     print()

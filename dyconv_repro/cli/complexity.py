@@ -39,16 +39,22 @@ def compose(overrides: list[str]):
         raise UserError(f"cannot compose the config from {overrides}: {str(e).splitlines()[0]}") from None
 
 
-def measure(cfg, layers: bool = False) -> dict:
-    """Build the model of `cfg` and count it; prints the layer table when asked."""
-    from dyconv_repro.analysis.complexity import complexity_report
+def measure(cfg, layers: bool = False, decomposed: str | None = None) -> dict:
+    """Build the model of `cfg` and count it; prints the layer table when asked. `decomposed` (all | auto) also
+    counts the structured layers' SumPool + small-conv form (`decomposed_params` / `decomposed_madds`)."""
+    from dyconv_repro.analysis.complexity import complexity_report, count_madds, count_params
     from dyconv_repro.models.build import build_model_with_report
+    from dyconv_repro.models.deploy import deploy_transform
     from dyconv_repro.models.surgery import print_layer_table
 
     model, reports = build_model_with_report(cfg, verbose=False)
     if layers:
         print_layer_table(reports)
-    return complexity_report(model, int(cfg.data.image_size))
+    report = complexity_report(model, int(cfg.data.image_size))
+    if decomposed:
+        form = deploy_transform(model, decomposed)
+        report.update(decomposed_params=count_params(form), decomposed_madds=count_madds(form, int(cfg.data.image_size)))
+    return report
 
 
 def _m(x) -> str:
@@ -190,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --paper all --write: also refresh README's papers x rows matrix")
     p.add_argument("--layers", action="store_true", help="print the per-layer surgery table")
     p.add_argument("--image-size", type=int, default=None, help="input resolution (default: data.image_size)")
+    p.add_argument("--decomposed", nargs="?", const="all", default=None, choices=("all", "auto"),
+                   help="also count the decomposed structured form (all layers, or auto: where the SumPool pays on "
+                        "CPU, as dyconv-deploy decompose=auto); the SumPool's additions are free")
     return p
 
 
@@ -213,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(0)
     overrides = list(args.overrides) + ([f"data.image_size={args.image_size}"] if args.image_size else [])
     cfg = compose(overrides)
-    r = measure(cfg, layers=args.layers)
+    r = measure(cfg, layers=args.layers, decomposed=args.decomposed)
     print(f"# {CONVENTION}")
     from dyconv_repro.models.policy import load_policy
 
@@ -221,6 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model={cfg.model.name} op={cfg.op.name} policy={policy} image_size={cfg.data.image_size}")
     print(f"params {_m(r['params'])}M  MAdds {_m(r['madds'])}M  |  deploy: params {_m(r['deploy_params'])}M  "
           f"MAdds {_m(r['deploy_madds'])}M")
+    if args.decomposed:
+        print(f"decomposed ({args.decomposed}): params {_m(r['decomposed_params'])}M  MAdds {_m(r['decomposed_madds'])}M")
 
 
 if __name__ == "__main__":

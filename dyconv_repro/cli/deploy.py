@@ -1,6 +1,7 @@
-"""`dyconv-deploy ckpt=PATH [data=val|random] [tolerance=1e-4] [decompose=true] [out=PATH] [key=value ...]`
+"""`dyconv-deploy ckpt=PATH [data=val|random] [tolerance=1e-4] [decompose=auto] [out=PATH] [key=value ...]`
 
-eval mode -> deep copy -> decompose structured layers (SumPool + smaller conv) and re-parameterize
+eval mode -> deep copy -> decompose structured layers (SumPool + smaller conv: decompose=all every one,
+auto those where the SumPool pays on CPU, none) and re-parameterize
 every other operator that can (RefConv, ...) -> verify the logits on a batch (validation data, or
 random inputs with data=random) -> save a plain model + report (params, MAdds before/after, max
 |dlogit|, top-1 before/after with validation data). Refuses to save when the outputs drift beyond
@@ -18,7 +19,7 @@ from omegaconf import OmegaConf
 from dyconv_repro.cli.common import parse_overrides, user_errors_exit
 from dyconv_repro.errors import UserError
 
-USAGE = "usage: dyconv-deploy ckpt=PATH [data=val|random] [tolerance=1e-4] [decompose=true|false] [out=PATH]"
+USAGE = "usage: dyconv-deploy ckpt=PATH [data=val|random] [tolerance=1e-4] [decompose=auto|all|none] [out=PATH]"
 
 
 @user_errors_exit
@@ -34,7 +35,7 @@ def deploy(argv: list[str]) -> dict:
     )
     from dyconv_repro.engine.trainer import resolve_device
     from dyconv_repro.models.build import build_model
-    from dyconv_repro.models.deploy import baseline_config, deploy_model
+    from dyconv_repro.models.deploy import baseline_config, decompose_mode, deploy_model
 
     kv, rest = parse_overrides(argv)
     if rest or "ckpt" not in kv:
@@ -42,7 +43,7 @@ def deploy(argv: list[str]) -> dict:
     path = Path(kv.pop("ckpt"))
     source = kv.pop("data", "val")
     tolerance = float(kv.pop("tolerance", 1e-4))
-    decompose = kv.pop("decompose", "true").lower() in ("1", "true", "yes")
+    decompose = decompose_mode(kv.pop("decompose", "auto"))
     out = Path(kv.pop("out")) if "out" in kv else None
     if source not in ("val", "random"):
         raise UserError(f"data must be val or random, got {source!r}")
@@ -73,6 +74,10 @@ def deploy(argv: list[str]) -> dict:
         lines.append(f"top-1       {report['top1_before']:>12.2f} -> {report['top1_after']:>12.2f}")
     lines.append(f"max |dlogit| {drift:.3e} (tolerance {tolerance:g})")
     lines.append(f"loads into the plain baseline: {report['loads_into_baseline']}")
+    if "decomposition" in report:
+        d = report["decomposition"]
+        lines.append(f"structured layers: {d['structured_layers']}, decomposed by auto: {len(d['decomposed_by_auto'])} "
+                     f"({d['rule']}); decompose={decompose}")
     print("\n".join(lines))
     out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     if drift > tolerance:

@@ -2,7 +2,8 @@
 
 A policy (configs/policy/<name>.yaml) selects layers by role (see roles.py), kernel size, stage and
 width, so one small file states a paper's placement for every backbone. `policy=auto` picks the
-chosen operator's paper policy (configs/policy/<op>.yaml; op=conv -> none).
+chosen operator's paper policy: the `placement` its class declares (a policy file name or an inline
+mapping; by default configs/policy/<op>.yaml).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import yaml
 from dyconv_repro.config_dir import config_dir
 from dyconv_repro.errors import UserError
 from dyconv_repro.models.roles import CONV_ROLES, ROLES, LayerReport
+from dyconv_repro.ops import OPS
 
 KEYS = ("name", "roles", "kernel_sizes", "stages", "min_channels", "block_routing", "copy_weights",
         "role_kwargs", "exclude")
@@ -82,6 +84,16 @@ def policy_names() -> list[str]:
     return sorted(p.stem for p in (Path(config_dir()) / "policy").glob("*.yaml") if p.stem != "auto")
 
 
+def _declared_placement(op_name: str) -> tuple[str, dict | None]:
+    """(policy name, inline policy or None) that operator `op_name` declares as its paper placement."""
+    placement = getattr(OPS.get(op_name), "placement", None)
+    if placement is None:
+        return op_name, None
+    if isinstance(placement, str):
+        return placement, None
+    return str(dict(placement).get("name", op_name)), dict(placement)
+
+
 def _to_dict(policy) -> dict:
     if policy is None:
         return {"name": "auto"}
@@ -110,15 +122,21 @@ def load_policy(policy, op_name: str = "conv") -> Policy:
     if unknown:
         raise UserError(f"policy: unknown key(s) {unknown}; valid keys: {', '.join(KEYS)}")
     overrides = {k: v for k, v in data.items() if k != "name"}
-    if name == "auto":  # null = take it from the op's policy file
-        name = "none" if op_name == "conv" else op_name
+    inline = None
+    if name == "auto":  # null = take it from the op's declared placement
+        name, inline = _declared_placement(op_name)
         overrides = {k: v for k, v in overrides.items() if v is not None}
     path = Path(config_dir()) / "policy" / f"{name}.yaml"
-    if path.is_file():
+    if inline is not None:
+        base = {k: v for k, v in inline.items() if k != "name"}
+    elif path.is_file():
         base = yaml.safe_load(path.read_text()) or {}
         base = {k: v for k, v in base.items() if k != "name"}
     elif "roles" in overrides:  # a fully inline policy
         base = {}
+    elif data.get("name", "auto") in (None, "auto"):
+        raise UserError(f"operator {op_name!r} declares no placement and there is no {path}: set `placement` on its "
+                        f"class or choose a policy ({', '.join(policy_names())})")
     else:
         raise UserError(f"unknown policy {name!r} (no {path}). Valid policies: {', '.join(policy_names())}, auto")
     return Policy(name=name, **{**base, **overrides})

@@ -8,7 +8,6 @@ original kernel into it where that is meaningful (`load_static_weight`; RefConv 
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Mapping
 
@@ -20,22 +19,14 @@ from dyconv_repro.models.policy import Policy, load_policy
 from dyconv_repro.models.roles import LayerReport, infer_layers
 from dyconv_repro.ops import OPS, build_op
 
-# op name -> (module, class) of its fully connected form, for policies that replace the classifier
-LINEAR_OPS = {"condconv": ("dyconv_repro.ops.condconv", "CondLinear"),
-              "structured": ("dyconv_repro.ops.structured", "StructuredLinear")}
-ALWAYS_COPY = ("refconv",)  # the operator is defined relative to the original kernel
-
-
 def _linear_class(op_name: str) -> type:
-    spec = LINEAR_OPS.get(op_name)
-    if spec is None:
+    """The operator's fully connected form (`linear_form` on its class), for policies that replace the classifier."""
+    cls = OPS.get(op_name).linear_form
+    if cls is None:
+        with_form = [n for n in OPS.names() if getattr(OPS.get(n), "linear_form", None) is not None]
         raise UserError(f"operator {op_name!r} has no fully connected form, so the policy cannot replace the "
-                        f"classifier; remove 'classifier' from policy.roles (ops with one: {', '.join(LINEAR_OPS)})")
-    try:
-        return getattr(importlib.import_module(spec[0]), spec[1])
-    except (ImportError, AttributeError):
-        raise UserError(f"the policy replaces the classifier with {spec[0]}.{spec[1]}, which does not exist "
-                        "in this checkout; remove 'classifier' from policy.roles") from None
+                        f"classifier; remove 'classifier' from policy.roles (ops with one: {', '.join(with_form)})")
+    return cls
 
 
 def _accepted(cls: type, kwargs: Mapping) -> dict:
@@ -56,17 +47,23 @@ def _padding(conv: nn.Module):
 
 
 def _build_replacement(report: LayerReport, op_name: str, kwargs: dict) -> nn.Module:
+    """The operator for `report`'s layer, built on the layer's device and dtype."""
     old = report.module
+    dd = dict(device=old.weight.device, dtype=old.weight.dtype)
     if report.role == "classifier":
         cls = _linear_class(op_name)
-        return cls(old.in_features, old.out_features, bias=old.bias is not None, **_accepted(cls, kwargs))
+        return cls(old.in_features, old.out_features, bias=old.bias is not None, **_accepted(cls, kwargs), **dd)
     return build_op(op_name, old.in_channels, old.out_channels, old.kernel_size, stride=old.stride,
                     padding=_padding(old), dilation=old.dilation, groups=old.groups, bias=old.bias is not None,
-                    **kwargs)
+                    **kwargs, **dd)
 
 
-def _should_copy(op_name: str, policy: Policy, new: nn.Module) -> bool:
-    return callable(getattr(new, "load_static_weight", None)) and (policy.copy_weights or op_name in ALWAYS_COPY)
+def _should_copy(op_cls: type, policy: Policy, new: nn.Module) -> bool:
+    return callable(getattr(new, "load_static_weight", None)) and (policy.copy_weights or op_cls.copies_static_weight)
+
+
+def _is_depthwise(conv: nn.Module) -> bool:
+    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
 
 
 def swap_convs(model: nn.Module, op_name: str, policy=None, op_kwargs: Mapping | None = None,
@@ -76,14 +73,14 @@ def swap_convs(model: nn.Module, op_name: str, policy=None, op_kwargs: Mapping |
     `policy` is a Policy, a policy name ("auto" = the op's paper policy) or a config mapping.
     `image_size` only sets the resolution of the tracing pass that assigns stages (default 64).
     """
-    OPS.get(op_name)  # unknown operator -> UserError listing the valid ones
+    op_cls = OPS.get(op_name)  # unknown operator -> UserError listing the valid ones
     policy = load_policy(policy, op_name)
     if op_kwargs is not None and not isinstance(op_kwargs, dict):  # DictConfig -> plain (lists, not ListConfig)
         from omegaconf import DictConfig, OmegaConf
 
         op_kwargs = OmegaConf.to_container(op_kwargs, resolve=True) if isinstance(op_kwargs, DictConfig) else dict(op_kwargs)
     reports = infer_layers(model, image_size)
-    if op_name == "conv":  # the static baseline: nothing to swap
+    if getattr(op_cls, "baseline", False):  # the static baseline: the model's own convs stay
         return reports
     named = dict(model.named_modules())
     for r in reports:
@@ -96,6 +93,9 @@ def swap_convs(model: nn.Module, op_name: str, policy=None, op_kwargs: Mapping |
         if isinstance(old, nn.Conv2d) and old.padding_mode != "zeros":
             r.note = f"kept: padding_mode={old.padding_mode}"
             continue
+        if op_cls.depthwise_only and r.role != "classifier" and not _is_depthwise(old):
+            r.note = f"kept: {op_name} replaces depthwise convs only"
+            continue
         kwargs = policy.kwargs_for(r.role, op_kwargs or {})
         try:
             new = _build_replacement(r, op_name, kwargs)
@@ -103,8 +103,8 @@ def swap_convs(model: nn.Module, op_name: str, policy=None, op_kwargs: Mapping |
             raise
         except (TypeError, ValueError) as e:
             raise UserError(f"cannot build {op_name} for layer {r.name} ({r.role}, shape {r.shape}): {e}") from None
-        new = new.to(device=old.weight.device, dtype=old.weight.dtype).train(old.training)
-        if _should_copy(op_name, policy, new):
+        new = new.to(device=old.weight.device, dtype=old.weight.dtype).train(old.training)  # buffers made on CPU
+        if _should_copy(op_cls, policy, new):
             with torch.no_grad():
                 new.load_static_weight(old.weight.detach(), None if old.bias is None else old.bias.detach())
         parent_name, _, child = r.name.rpartition(".")

@@ -1,32 +1,55 @@
 """Operator library: each operator is a drop-in for the nn.Conv2d it replaces.
 
-`build_op(name, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1,
-groups=1, bias=False, **kwargs)` builds one; `OPS` is the registry (`dyconv-list ops`).
+`build_op(name, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1, groups=1,
+bias=False, **kwargs)` builds one; `OPS` is the registry (`dyconv-list ops`).
+
+Layout (README "Architecture"): one file per operator holding the paper's math (it registers itself in `OPS`
+on import; every module of this package is imported, so a new operator is one new file), `engine/` that runs
+the per-sample kernels and holds the one dispatch point, and `cpu/`, the opt-in CPU backend, imported last
+(skipped when the package is absent or DYCONV_CPU_BACKEND=0).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import pkgutil
 
 from torch import nn
 
 from dyconv_repro.ops.base import ConvOp, resolve_padding
 from dyconv_repro.ops.registry import OPS
 
-# One module per operator; each registers itself in OPS on import. A module that does not exist
-# yet is skipped so that a partial checkout still imports.
-_OP_MODULES = ("conv", "condconv", "dynamicconv", "dynet", "weightnet", "mixconv", "structured", "refconv", "se")
-for _m in _OP_MODULES:
+BACKEND_PACKAGES = ("cpu",)
+
+
+def _import_operator_modules() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_") and info.name not in BACKEND_PACKAGES:
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+def cpu_backend_enabled() -> bool:
+    return os.environ.get("DYCONV_CPU_BACKEND", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _import_backends() -> None:
+    if not cpu_backend_enabled():
+        return
     try:
-        importlib.import_module(f"dyconv_repro.ops.{_m}")
-    except ModuleNotFoundError as e:  # pragma: no cover - only while the library is being written
-        if e.name != f"dyconv_repro.ops.{_m}":
+        importlib.import_module(f"{__name__}.cpu")
+    except ModuleNotFoundError as e:  # the backend package removed: the library runs without it
+        if e.name != f"{__name__}.cpu":
             raise
+
+
+_import_operator_modules()
+_import_backends()
 
 
 def build_op(name: str, in_channels: int, out_channels: int, kernel_size, stride=1, padding=None,
              dilation=1, groups=1, bias=False, **kwargs) -> nn.Module:
-    """Build operator `name` with nn.Conv2d's signature plus the operator's own kwargs."""
+    """Build operator `name` with nn.Conv2d's signature plus the operator's own kwargs (device/dtype too)."""
     cls = OPS.get(name)
     return cls(in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
                groups=groups, bias=bias, **kwargs)

@@ -1,13 +1,22 @@
-"""What every operator shares: nn.Conv2d's constructor signature and attributes.
+"""What every operator shares: nn.Conv2d's constructor signature and attributes, and a self-description.
 
 Every operator subclasses `ConvOp` so that surgery, complexity counting and walkers can read
-`in_channels, out_channels, kernel_size, stride, padding, dilation, groups` exactly as on nn.Conv2d.
+`in_channels, out_channels, kernel_size, stride, padding, dilation, groups` exactly as on nn.Conv2d, and
+declares on its class what the rest of the system would otherwise look up by name: where the paper places it
+(`placement`), whether it only replaces depthwise convs, its fully connected form for the classifier, whether
+surgery must hand it the replaced kernel. `capabilities()` lists the optional methods it has.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import nn
 from torch.nn.modules.utils import _pair
+
+# optional methods that walkers, the trainer and deploy look for (duck-typed)
+CAPABILITY_METHODS = ("reparameterize", "decompose", "set_temperature", "regularization_loss",
+                      "load_static_weight", "block_head", "training_forward")
 
 
 def resolve_padding(kernel_size, padding, dilation) -> tuple[int, int]:
@@ -20,8 +29,42 @@ def resolve_padding(kernel_size, padding, dilation) -> tuple[int, int]:
     return _pair(padding)
 
 
+def capabilities(cls: type) -> list[str]:
+    """The optional capabilities a class provides (methods it defines, a classifier form)."""
+    caps = []
+    for name in CAPABILITY_METHODS:
+        attr = getattr(cls, name, None)
+        if callable(attr) and not getattr(attr, "__isabstractmethod__", False) and not getattr(attr, "_absent", False):
+            caps.append(name)
+    if getattr(cls, "linear_form", None) is not None:
+        caps.append("classifier")
+    return caps
+
+
+def absent(fn):
+    """Mark a base-class method as 'not provided' (capabilities() skips it until a subclass overrides it)."""
+    fn._absent = True
+    return fn
+
+
 class ConvOp(nn.Module):
-    """Base class: stores the nn.Conv2d attributes and validates them like nn.Conv2d does."""
+    """Base class: stores the nn.Conv2d attributes and validates them like nn.Conv2d does.
+
+    Class attributes an operator sets to describe itself (read by surgery, policies and `dyconv-list`):
+
+    - `placement`: the paper's default replacement policy for `policy=auto` -- the name of a
+      configs/policy/<name>.yaml file, or an inline mapping of policy keys ({"roles": ["dense"]}).
+      None means the policy file named like the operator.
+    - `depthwise_only`: the operator is only defined for depthwise convs (surgery keeps the others, with a note).
+    - `linear_form`: the nn.Linear-shaped class that replaces a classifier (None: it cannot).
+    - `copies_static_weight`: surgery always loads the replaced conv's kernel (`load_static_weight`), because
+      the operator is defined relative to it (RefConv's basis).
+    """
+
+    placement: str | Mapping | None = None
+    depthwise_only: bool = False
+    linear_form: type | None = None
+    copies_static_weight: bool = False
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1,
                  groups=1, bias=False):
@@ -38,6 +81,10 @@ class ConvOp(nn.Module):
         self.padding = resolve_padding(kernel_size, padding, dilation)
         self.groups = int(groups)
         self.use_bias = bool(bias)
+
+    @classmethod
+    def capabilities(cls) -> list[str]:
+        return capabilities(cls)
 
     def conv_kwargs(self) -> dict:
         """Arguments of F.conv2d for this layer's geometry (without the batch folding)."""

@@ -1,8 +1,10 @@
-"""`condconv`: CondConv (Yang et al., 1904.04971): K independently initialized experts mixed per sample.
+"""`condconv`: CondConv (Yang et al., NeurIPS 2019, arXiv 1904.04971): K experts mixed per sample.
 
-r(x) = sigmoid(FC(GAP(x))) (FC with bias; softmax as the ablation option); W(x) = sum_i r_i W_i and
-the bias is mixed alike. Experts are stored as one (K, C_out, C_in/g, k, k) bank, like the TF
-reference's [K, prod(kernel_shape)]. `CondLinear` is the classifier form.
+r(x) = sigmoid(FC(GAP(x))) (FC with bias; softmax as the ablation option); W(x) = sum_i r_i W_i and the bias is
+mixed alike. A conditionally parameterized layer is as expressive as a K times larger mixture but costs one conv
+plus the mix. Experts are stored as one (K, C_out, C_in/g, k, k) bank, like the TF reference's
+[K, prod(kernel_shape)]. `CondLinear` is the classifier form; block-shared routing follows the TF reference
+(one router per MBConv block).
 """
 
 from __future__ import annotations
@@ -13,24 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from dyconv_repro.errors import UserError
+from dyconv_repro.ops.engine import BankMix, DynamicConvOp, aggregate, gap
+from dyconv_repro.ops.layers import copy_static_into_bank, init_conv_bank_
 from dyconv_repro.ops.registry import OPS
 from dyconv_repro.ops.routing import SharedHead
-from dyconv_repro.ops.shared import (
-    ACT_NONE,
-    ACT_SIGMOID,
-    ACT_SOFTMAX,
-    BankMix,
-    DynamicConvOp,
-    affine_vec,
-    aggregate,
-    bank_kernel_one,
-    gap,
-    init_conv_bank_,
-    inv_area,
-    native_kernel_one,
-    plain,
-    spatial_sum_one,
-)
 
 ROUTINGS = ("sigmoid", "softmax")
 
@@ -52,92 +40,6 @@ def _activate(logits: Tensor, routing: str) -> Tensor:
     return torch.sigmoid(logits) if routing == "sigmoid" else torch.softmax(logits, dim=-1)
 
 
-def _copy_static(bank: Tensor, bias_bank: Tensor | None, weight: Tensor, bias: Tensor | None, name: str) -> None:
-    if tuple(weight.shape) != tuple(bank.shape[1:]):
-        raise UserError(f"{name}: static weight has shape {tuple(weight.shape)}, expected {tuple(bank.shape[1:])}")
-    with torch.no_grad():
-        bank.copy_(weight.detach().to(bank).unsqueeze(0).expand_as(bank))
-        if bias_bank is not None:
-            if bias is None:
-                bias_bank.zero_()
-            else:
-                bias_bank.copy_(bias.detach().to(bias_bank).unsqueeze(0).expand_as(bias_bank))
-
-
-@OPS.register("condconv", help="CondConv: K experts (num_experts=8) mixed by sigmoid routing GAP->FC")
-class CondConv2d(DynamicConvOp):
-    """Conditionally parameterized conv; regular, grouped and depthwise."""
-
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1, groups=1,
-                 bias=False, num_experts: int = 8, routing: str = "sigmoid", init_from_static: bool = False):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
-        self.num_experts = _check_experts(num_experts)
-        self.routing = _check_routing(routing)
-        self.init_from_static = bool(init_from_static)  # read by surgery: copy the replaced conv into every expert
-        kh, kw = self.kernel_size
-        self.weight = nn.Parameter(torch.empty(self.num_experts, out_channels, in_channels // groups, kh, kw))
-        self.bias = nn.Parameter(torch.empty(self.num_experts, out_channels)) if bias else None
-        self.router = nn.Linear(in_channels, self.num_experts)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        init_conv_bank_(self.weight, self.bias)
-
-    def routing_weights(self, x: Tensor) -> Tensor:
-        """(B, K) expert weights; in block mode the block's shared router already computed them."""
-        if self.block_routed:
-            return self.block_input()
-        return _activate(self.router(gap(x)), self.routing)
-
-    def kernel(self, x: Tensor):
-        r = self.routing_weights(x)
-        return aggregate(r, self.weight), None if self.bias is None else aggregate(r, self.bias)
-
-    def kernel_factors(self, x: Tensor):
-        r = self.routing_weights(x)
-        return r, self.weight, None if self.bias is None else aggregate(r, self.bias), BankMix
-
-    def kernel_one(self, x: Tensor):
-        """Batch 1: the router as one addmv on the spatial sum (1/HW as its alpha), one mv mix; under block
-        routing the block's routing weights, mixed the same way."""
-        params = self._parameters
-        if self._slot is not None:  # the block's routing weights: nothing to pool or route
-            coeff = self.block_input()
-            one = native_kernel_one(self, coeff, False, (), ACT_NONE, ACT_NONE, params["weight"], True,
-                                    params.get("bias"))
-            return one if one is not None else bank_kernel_one(self, coeff.view(-1))
-        router = self._modules["router"]
-        if not plain(router, nn.Linear):
-            return None
-        act = ACT_SIGMOID if self.routing == "sigmoid" else ACT_SOFTMAX
-        one = native_kernel_one(self, x, True, ((router, inv_area(x), 1.0),), ACT_NONE, act, params["weight"],
-                                True, params.get("bias"))
-        if one is not None:
-            return one
-        pooled, inv_hw = spatial_sum_one(x)
-        return bank_kernel_one(self, _activate(affine_vec(pooled, router, alpha=inv_hw), self.routing))
-
-    def load_static_weight(self, weight: Tensor, bias: Tensor | None = None) -> None:
-        """Copy a static conv's kernel (and bias) into every expert."""
-        _copy_static(self.weight, self.bias, weight, bias, "condconv")
-
-    @classmethod
-    def block_head(cls, in_features: int, ops: list) -> nn.Module:
-        """TF reference: one router per block from the block input, shared by all its CondConvs."""
-        spec = {(op.num_experts, op.routing) for op in ops}
-        if len(spec) != 1:
-            raise UserError(f"block-shared CondConv routing needs the same num_experts/routing in a block, got {spec}")
-        k, routing = spec.pop()
-        return SharedHead(nn.Linear(in_features, k), [k] * len(ops), share=True, activation=routing)
-
-    def attach_block_routing(self, slot, in_features: int) -> None:
-        super().attach_block_routing(slot, in_features)
-        self.router = None  # the block's router replaces the per-layer one
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", num_experts={self.num_experts}, routing={self.routing!r}"
-
-
 class CondLinear(nn.Module):
     """CondConv fully connected layer (the classifier form): y = (sum_i r_i W_i) x + sum_i r_i b_i.
 
@@ -146,14 +48,15 @@ class CondLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, num_experts: int = 8,
-                 routing: str = "sigmoid"):
+                 routing: str = "sigmoid", *, device=None, dtype=None):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.num_experts = _check_experts(num_experts)
         self.routing = _check_routing(routing)
-        self.weight = nn.Parameter(torch.empty(self.num_experts, out_features, in_features))
-        self.bias = nn.Parameter(torch.empty(self.num_experts, out_features)) if bias else None
-        self.router = nn.Linear(in_features, self.num_experts)
+        self.weight = nn.Parameter(torch.empty(self.num_experts, out_features, in_features, **dd))
+        self.bias = nn.Parameter(torch.empty(self.num_experts, out_features, **dd)) if bias else None
+        self.router = nn.Linear(in_features, self.num_experts, **dd)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -178,8 +81,69 @@ class CondLinear(nn.Module):
 
     def load_static_weight(self, weight: Tensor, bias: Tensor | None = None) -> None:
         """Copy a static nn.Linear's weight (and bias) into every expert."""
-        _copy_static(self.weight, self.bias, weight, bias, "CondLinear")
+        copy_static_into_bank(self.weight, self.bias, weight, bias, "CondLinear")
 
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, "
                 f"num_experts={self.num_experts}, routing={self.routing!r}")
+
+
+@OPS.register("condconv", help="CondConv: K experts (num_experts=8) mixed by sigmoid routing GAP->FC")
+class CondConv2d(DynamicConvOp):
+    """Conditionally parameterized conv; regular, grouped and depthwise."""
+
+    placement = "condconv"  # configs/policy/condconv.yaml: every conv + the classifier
+    linear_form = CondLinear
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1, groups=1,
+                 bias=False, num_experts: int = 8, routing: str = "sigmoid", init_from_static: bool = False,
+                 *, device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        dd = dict(device=device, dtype=dtype)
+        self.num_experts = _check_experts(num_experts)
+        self.routing = _check_routing(routing)
+        self.init_from_static = bool(init_from_static)  # read by surgery: copy the replaced conv into every expert
+        kh, kw = self.kernel_size
+        self.weight = nn.Parameter(torch.empty(self.num_experts, out_channels, in_channels // groups, kh, kw, **dd))
+        self.bias = nn.Parameter(torch.empty(self.num_experts, out_channels, **dd)) if bias else None
+        self.router = nn.Linear(in_channels, self.num_experts, **dd)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_conv_bank_(self.weight, self.bias)
+
+    def routing_weights(self, x: Tensor) -> Tensor:
+        """(B, K) expert weights; in block mode the block's shared router already computed them."""
+        if self.block_routed:
+            return self.block_input()
+        return _activate(self.router(gap(x)), self.routing)
+
+    def kernel(self, x: Tensor):
+        r = self.routing_weights(x)
+        return aggregate(r, self.weight), None if self.bias is None else aggregate(r, self.bias)
+
+    def kernel_factors(self, x: Tensor):
+        r = self.routing_weights(x)
+        return r, self.weight, None if self.bias is None else aggregate(r, self.bias), BankMix
+
+    def load_static_weight(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        """Copy a static conv's kernel (and bias) into every expert."""
+        copy_static_into_bank(self.weight, self.bias, weight, bias, "condconv")
+
+    @classmethod
+    def block_head(cls, in_features: int, ops: list) -> nn.Module:
+        """TF reference: one router per block from the block input, shared by all its CondConvs."""
+        spec = {(op.num_experts, op.routing) for op in ops}
+        if len(spec) != 1:
+            raise UserError(f"block-shared CondConv routing needs the same num_experts/routing in a block, got {spec}")
+        k, routing = spec.pop()
+        ref = ops[0].weight
+        return SharedHead(nn.Linear(in_features, k, device=ref.device, dtype=ref.dtype), [k] * len(ops), share=True,
+                          activation=routing)
+
+    def attach_block_routing(self, slot, in_features: int) -> None:
+        super().attach_block_routing(slot, in_features)
+        self.router = None  # the block's router replaces the per-layer one
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", num_experts={self.num_experts}, routing={self.routing!r}"

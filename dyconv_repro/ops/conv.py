@@ -12,8 +12,18 @@ from dyconv_repro.ops.registry import OPS
 class StaticConv(nn.Conv2d):
     """Plain nn.Conv2d whose `padding=None` means 'same' like every other operator."""
 
+    placement = "none"  # the baseline replaces nothing
+    baseline = True  # surgery keeps the model's own convs instead of re-initializing them
+    depthwise_only = False
+    linear_form = None
+    copies_static_weight = False
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1,
-                 groups=1, bias=False):
+                 groups=1, bias=False, *, device=None, dtype=None):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride,
                          padding=resolve_padding(kernel_size, padding, dilation), dilation=dilation,
-                         groups=groups, bias=bias)
+                         groups=groups, bias=bias, device=device, dtype=dtype)
+
+    @classmethod
+    def capabilities(cls) -> list[str]:
+        return []

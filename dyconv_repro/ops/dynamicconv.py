@@ -1,8 +1,10 @@
-"""`dynamicconv`: Dynamic Convolution / DY-Conv (Chen et al., 1912.03458).
+"""`dynamicconv`: Dynamic Convolution / DY-Conv (Chen et al., CVPR 2020, arXiv 1912.03458).
 
-pi(x) = softmax(FC2(ReLU(FC1(GAP(x)))) / tau), FC1: C_in -> C_in/reduction; the kernel and the bias
-are both aggregated with pi. tau lives in a buffer (saved in state_dict) so that a checkpoint keeps
-the annealing state; `set_temperature(t)` is what the trainer's schedule calls.
+pi(x) = softmax(FC2(ReLU(FC1(GAP(x)))) / tau), FC1: C_in -> C_in/reduction; the kernel and the bias are both
+aggregated with pi: K kernels add capacity at the cost of one conv and a small attention. A large initial tau
+(30) keeps the attention near uniform early so that all kernels train; tau lives in a buffer (saved in
+state_dict) so a checkpoint keeps the annealing state, and `set_temperature(t)` is what the trainer's schedule
+calls.
 """
 
 from __future__ import annotations
@@ -11,24 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from dyconv_repro.errors import UserError
-from dyconv_repro.ops.condconv import _copy_static
+from dyconv_repro.ops.engine import BankMix, DynamicConvOp, aggregate, gap
+from dyconv_repro.ops.layers import copy_static_into_bank, init_conv_bank_, mlp_head
 from dyconv_repro.ops.registry import OPS
 from dyconv_repro.ops.routing import SharedHead
-from dyconv_repro.ops.shared import (
-    ACT_RELU,
-    ACT_SOFTMAX,
-    BankMix,
-    DynamicConvOp,
-    MLPHead,
-    aggregate,
-    bank_kernel_one,
-    gap,
-    init_conv_bank_,
-    inv_area,
-    mlp_head,
-    native_kernel_one,
-    spatial_sum_one,
-)
 
 
 def attention_hidden(in_features: int, reduction: int) -> int:
@@ -39,21 +27,24 @@ def attention_hidden(in_features: int, reduction: int) -> int:
 class DynamicConv2d(DynamicConvOp):
     """Attention over K convolution kernels (and biases)."""
 
+    placement = "dynamicconv"  # configs/policy/dynamicconv.yaml: every conv but the stem and the last 1x1
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1, groups=1,
                  bias=False, num_kernels: int = 4, reduction: int = 4, temperature: float = 30.0,
-                 init_from_static: bool = False):
+                 init_from_static: bool = False, *, device=None, dtype=None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
         if int(num_kernels) < 1 or int(reduction) < 1:
             raise UserError(f"dynamicconv needs num_kernels >= 1 and reduction >= 1, got {num_kernels}, {reduction}")
         if float(temperature) <= 0:
             raise UserError(f"dynamicconv temperature must be > 0, got {temperature}")
+        dd = dict(device=device, dtype=dtype)
         self.num_kernels, self.reduction = int(num_kernels), int(reduction)
         self.init_from_static = bool(init_from_static)  # read by surgery: copy the replaced conv into every kernel
         kh, kw = self.kernel_size
-        self.weight = nn.Parameter(torch.empty(self.num_kernels, out_channels, in_channels // groups, kh, kw))
-        self.bias = nn.Parameter(torch.empty(self.num_kernels, out_channels)) if bias else None
-        self.attention = mlp_head(in_channels, self.num_kernels, attention_hidden(in_channels, self.reduction))
-        self.register_buffer("temperature", torch.tensor(float(temperature)))
+        self.weight = nn.Parameter(torch.empty(self.num_kernels, out_channels, in_channels // groups, kh, kw, **dd))
+        self.bias = nn.Parameter(torch.empty(self.num_kernels, out_channels, **dd)) if bias else None
+        self.attention = mlp_head(in_channels, self.num_kernels, attention_hidden(in_channels, self.reduction), **dd)
+        self.register_buffer("temperature", torch.tensor(float(temperature), device=device))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -77,40 +68,9 @@ class DynamicConv2d(DynamicConvOp):
         pi = self.attention_weights(x)
         return pi, self.weight, None if self.bias is None else aggregate(pi, self.bias), BankMix
 
-    def kernel_one(self, x: Tensor):
-        """Batch 1: softmax(attention(sum / HW) / tau) with 1/HW and 1/tau inside the two addmvs, one mv mix."""
-        head = self._modules["attention"]
-        if type(head) is not MLPHead:
-            return None
-        inv_tau = self._inv_temperature()
-        if self._slot is not None:  # block routing: the pooled block input (already divided by H*W)
-            source, pool, inv_hw = self.block_input(), False, 1.0
-        else:
-            source, pool, inv_hw = x, True, inv_area(x)
-        fcs = head.linears()
-        if fcs is not None:
-            params = self._parameters
-            one = native_kernel_one(self, source, pool, ((fcs[0], inv_hw, 1.0), (fcs[1], inv_tau, inv_tau)),
-                                    ACT_RELU, ACT_SOFTMAX, params["weight"], True, params.get("bias"))
-            if one is not None:
-                return one
-        pooled = spatial_sum_one(x)[0] if pool else source.view(-1)
-        return bank_kernel_one(self, torch.softmax(head.forward_one(pooled, inv_hw, inv_tau), 0))
-
-    def _one_state(self) -> float:
-        return self._inv_temperature()  # 1/tau is folded into the batch-1 routing's alphas
-
-    def _inv_temperature(self) -> float:
-        """1 / tau as a float, re-read only when the buffer changes (set_temperature, load_state_dict, .to())."""
-        t = self._buffers["temperature"]
-        cache = self.__dict__.get("_tau_cache")
-        if cache is None or cache[0] is not t or cache[1] != t._version:
-            cache = self.__dict__["_tau_cache"] = (t, t._version, 1.0 / t.item())
-        return cache[2]
-
     def load_static_weight(self, weight: Tensor, bias: Tensor | None = None) -> None:
         """Copy a static conv's kernel (and bias) into every one of the K kernels."""
-        _copy_static(self.weight, self.bias, weight, bias, "dynamicconv")
+        copy_static_into_bank(self.weight, self.bias, weight, bias, "dynamicconv")
 
     @classmethod
     def block_head(cls, in_features: int, ops: list) -> nn.Module:
@@ -121,8 +81,8 @@ class DynamicConv2d(DynamicConvOp):
         super().attach_block_routing(slot, in_features)
         if in_features != self.in_channels:
             ref = next(self.attention.parameters())
-            self.attention = mlp_head(in_features, self.num_kernels, attention_hidden(in_features, self.reduction)
-                                      ).to(device=ref.device, dtype=ref.dtype)
+            self.attention = mlp_head(in_features, self.num_kernels, attention_hidden(in_features, self.reduction),
+                                      device=ref.device, dtype=ref.dtype)
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", num_kernels={self.num_kernels}, reduction={self.reduction}, "

@@ -1,17 +1,16 @@
-"""`dynet`: DyNet dynamic convolution (Zhang et al., 2004.10694 / ICLR-2020 submission).
+"""`dynet`: DyNet dynamic convolution (Zhang et al., arXiv 2004.10694 / ICLR-2020 submission).
 
 Each output channel t mixes its own g_t = num_bases fixed kernels: w_t(x) = sum_i eta_t^i(x) w_t^i,
 eta = sigmoid(FC(ReLU(FC(GAP(x))))) (one FC when reduction=0). Two exact forms:
 
-* training form (the paper's): one static conv with C_out*g_t filters, then the eta-weighted sum of
-  the g_t feature maps of each output channel;
-* fused form (inference): aggregate the kernels per sample, then one per-sample-kernel conv.
+* training form (the paper's, `training_forward`): one static conv with C_out*g_t filters, then the
+  eta-weighted sum of the g_t feature maps of each output channel;
+* fused form (`kernel`): aggregate the kernels per sample, then one per-sample-kernel conv.
 
-They are equal (tests). The op is input-dependent, so there is no `reparameterize()` to a static
-conv. `fused=None` (default) and True run the fused form in training too: it does g_t times fewer conv
-MACs and keeps per-sample kernels instead of g_t times the feature maps (CIFAR ResNet-20, batch 32,
-2 threads: 25 img/s fused vs 7.5 img/s training form); `fused=False` runs the paper's training form.
-Biases (if any) are per base and mixed with the same eta.
+They are equal (tests). `fused=None` (default) and True run the fused form in training too (g_t times fewer
+conv MACs; results/benchmarks/ has the speed), `fused=False` runs the paper's training form. The op is
+input-dependent, so there is no `reparameterize()` to a static conv. Biases (if any) are per base and mixed
+with the same eta.
 """
 
 from __future__ import annotations
@@ -21,9 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dyconv_repro.errors import UserError
+from dyconv_repro.ops.engine import DynamicConvOp, gap
+from dyconv_repro.ops.layers import init_conv_bank_, mlp_head
 from dyconv_repro.ops.registry import OPS
 from dyconv_repro.ops.routing import SharedHead
-from dyconv_repro.ops.shared import DynamicConvOp, dynamic_conv2d, gap, init_conv_bank_, mlp_head
 
 
 def predictor_hidden(in_features: int, reduction: int) -> int | None:
@@ -34,18 +34,21 @@ def predictor_hidden(in_features: int, reduction: int) -> int | None:
 class DyNetConv2d(DynamicConvOp):
     """Per-output-channel dynamic kernel fusion."""
 
+    placement = "dynet"  # configs/policy/dynet.yaml
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1, groups=1,
-                 bias=False, num_bases: int = 6, reduction: int = 4):
+                 bias=False, num_bases: int = 6, reduction: int = 4, *, device=None, dtype=None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
         if int(num_bases) < 1 or int(reduction or 0) < 0:
             raise UserError(f"dynet needs num_bases >= 1 and reduction >= 0 (0 = one FC), got {num_bases}, {reduction}")
+        dd = dict(device=device, dtype=dtype)
         self.num_bases, self.reduction = int(num_bases), int(reduction or 0)
         self.fused: bool | None = None
         kh, kw = self.kernel_size
-        self.weight = nn.Parameter(torch.empty(out_channels, self.num_bases, in_channels // groups, kh, kw))
-        self.bias = nn.Parameter(torch.empty(out_channels, self.num_bases)) if bias else None
+        self.weight = nn.Parameter(torch.empty(out_channels, self.num_bases, in_channels // groups, kh, kw, **dd))
+        self.bias = nn.Parameter(torch.empty(out_channels, self.num_bases, **dd)) if bias else None
         self.predictor = mlp_head(in_channels, out_channels * self.num_bases,
-                                  predictor_hidden(in_channels, self.reduction))
+                                  predictor_hidden(in_channels, self.reduction), **dd)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -76,19 +79,13 @@ class DyNetConv2d(DynamicConvOp):
         y = y.reshape(b, self.out_channels, self.num_bases, h, w)
         return (y * eta[..., None, None]).sum(2)
 
-    def fused_forward(self, x: Tensor) -> Tensor:
-        """Inference form: per-sample fused kernels, one conv."""
-        weight, bias = self.kernel(x)
-        return dynamic_conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups, self.path)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.training_forward(x) if self.fused is False else self.fused_forward(x)
-
     @classmethod
     def block_head(cls, in_features: int, ops: list) -> nn.Module:
         """DyNet: one coefficient predictor per block gives the coefficients of all its dynamic convs."""
         dims = [op.out_channels * op.num_bases for op in ops]
-        body = mlp_head(in_features, sum(dims), predictor_hidden(in_features, ops[0].reduction))
+        ref = ops[0].weight
+        body = mlp_head(in_features, sum(dims), predictor_hidden(in_features, ops[0].reduction), device=ref.device,
+                        dtype=ref.dtype)
         return SharedHead(body, dims, share=False, activation="sigmoid")
 
     def attach_block_routing(self, slot, in_features: int) -> None:

@@ -1,4 +1,4 @@
-"""`mixconv`: MixConv (Tan & Le, arXiv 1907.09595) -- several kernel sizes inside one conv.
+"""`mixconv`: MixConv (Tan & Le, BMVC 2019, arXiv 1907.09595) -- several kernel sizes inside one conv.
 
 The channels are split into groups; group i uses a (2i+1)x(2i+1) kernel (3, 5, 7, ...) and the outputs
 are concatenated. Main use: in place of a depthwise conv. With `groups=1` each split is a dense conv on
@@ -17,6 +17,7 @@ from torch import nn
 
 from dyconv_repro.errors import UserError
 from dyconv_repro.ops.base import ConvOp
+from dyconv_repro.ops.engine.dispatch import mixconv_impl
 from dyconv_repro.ops.registry import OPS
 
 SPLITS = ("equal", "exp")
@@ -73,15 +74,17 @@ class MixConv(ConvOp):
     `dilated=True` replaces a k_i x k_i kernel by a 3x3 kernel with dilation (k_i - 1) / 2 (same
     receptive field), at stride-1 layers only (the paper's setting); stride-2 layers keep large kernels.
 
-    `impl`: "split" runs one conv per group and concatenates; "fused" zero-pads every group's kernel to
-    the largest size and runs ONE conv (exact; only for groups > 1, costs the largest kernel's FLOPs);
-    "auto" picks "fused" for depthwise/grouped layers (faster on CPU where per-group launches and the
-    concat dominate, see `dyconv-bench ops`) and "split" for groups=1.
+    Two exact ways to run it: "split" runs one conv per group and concatenates; "fused" zero-pads every
+    group's kernel to the largest size and runs ONE conv (`fused_weight()`; only for groups > 1, costs the
+    largest kernel's FLOPs). `impl="auto"` leaves the choice to the engine (`dispatch.mixconv_impl`, by
+    device type); "split" / "fused" force one.
     """
+
+    placement = "mixconv"  # configs/policy/mixconv.yaml: every depthwise conv
 
     def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=None, dilation=1,
                  groups=1, bias=False, num_groups=None, kernel_sizes=None, split="equal", dilated=False,
-                 impl="auto"):
+                 impl="auto", *, device=None, dtype=None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
         if impl not in ("auto", "split", "fused"):
             raise UserError(f"mixconv: unknown impl {impl!r}; valid choices: auto, split, fused")
@@ -128,9 +131,7 @@ class MixConv(ConvOp):
                         f"with padding {self.padding}; use padding=None ('same') or larger kernel_sizes")
                 pad.append(twice // 2)
             self.convs.append(nn.Conv2d(ci, co, k, stride=self.stride, padding=tuple(pad), dilation=d,
-                                        groups=cg, bias=bias))
-        if impl == "auto":
-            impl = "fused" if self.groups > 1 else "split"
+                                        groups=cg, bias=bias, device=device, dtype=dtype))
         if impl == "fused" and self.groups == 1 and g > 1:
             raise UserError("mixconv: impl='fused' needs groups > 1 (a fused dense conv would not be "
                             "block-diagonal); use impl='split' or 'auto'")
@@ -158,7 +159,8 @@ class MixConv(ConvOp):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.convs) == 1:
             return self.convs[0](x)
-        if self.impl == "fused":
+        impl = self.impl if self.impl != "auto" else mixconv_impl(self, x)
+        if impl == "fused":
             w, b, pad, dil = self.fused_weight()
             return F.conv2d(x, w, b, self.stride, pad, dil, self.groups)
         xs = torch.split(x, self.in_splits, dim=1)

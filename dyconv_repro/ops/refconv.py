@@ -1,5 +1,8 @@
 """`refconv`: RefConv (Cai et al., arXiv 2310.10563) -- a frozen basis kernel refocused by a learned conv.
 
+Refocusing learns connections between the pretrained kernel's own parameters, so the model improves at no
+inference cost: after training the layer is re-parameterized to a plain conv.
+
 W_t = W_b + convmap(W_b): the C_out x (C_in/g) 2-D kernels of the basis W_b are the channels of one
 k x k "image" (N = C_out*C_in/g channels) and convmap = Conv2d(N, N, map_k, padding map_k//2,
 groups = C_in*C_out/g^2, bias=False) -- i.e. every convmap group mixes g consecutive 2-D kernels: a
@@ -38,9 +41,14 @@ class RefConv(ConvOp):
     - train_basis: the basis becomes a trainable Parameter (still named `weight`).
     """
 
+    placement = "refconv"  # configs/policy/refconv.yaml: every non-1x1 conv
+    copies_static_weight = True  # the refocusing is defined relative to the replaced (pretrained) kernel
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1,
-                 groups=1, bias=False, map_k=3, init="zero", train_basis=False, basis="pretrained"):
+                 groups=1, bias=False, map_k=3, init="zero", train_basis=False, basis="pretrained", *, device=None,
+                 dtype=None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        dd = dict(device=device, dtype=dtype)
         if init not in INITS:
             raise UserError(f"refconv: unknown init {init!r}; valid choices: {', '.join(INITS)}")
         if basis not in BASES:
@@ -51,7 +59,7 @@ class RefConv(ConvOp):
         self.map_k, self.init, self.basis, self.train_basis = int(map_k), init, basis, bool(train_basis)
         cin_g = self.in_channels // self.groups
         self.num_kernels = self.out_channels * cin_g  # N: 2-D kernels treated as channels
-        w = torch.empty(self.out_channels, cin_g, *self.kernel_size)
+        w = torch.empty(self.out_channels, cin_g, *self.kernel_size, **dd)
         nn.init.kaiming_uniform_(w, a=math.sqrt(5))  # nn.Conv2d's init (the "random" basis)
         if self.train_basis:
             self.weight = nn.Parameter(w)
@@ -59,11 +67,11 @@ class RefConv(ConvOp):
             self.register_buffer("weight", w)
         if bias:
             bound = 1.0 / math.sqrt(cin_g * self.kernel_size[0] * self.kernel_size[1])
-            self.bias = nn.Parameter(torch.empty(self.out_channels).uniform_(-bound, bound))
+            self.bias = nn.Parameter(torch.empty(self.out_channels, **dd).uniform_(-bound, bound))
         else:
             self.bias = None
         self.convmap = nn.Conv2d(self.num_kernels, self.num_kernels, self.map_k, padding=self.map_k // 2,
-                                 groups=self.num_kernels // self.groups, bias=False)
+                                 groups=self.num_kernels // self.groups, bias=False, **dd)
         if init == "zero":
             nn.init.zeros_(self.convmap.weight)
         elif init == "xavier":

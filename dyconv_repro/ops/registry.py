@@ -2,4 +2,26 @@
 
 from dyconv_repro.registry import Registry
 
-OPS = Registry("operator")
+
+class OpRegistry(Registry):
+    """Registry of operator classes; registering names the class (`op_name`), which is also the name of its
+    default policy file when the class sets no `placement`."""
+
+    def register(self, name: str, help: str | None = None):
+        base = super().register(name, help)
+
+        def deco(cls):
+            cls = base(cls)
+            if "op_name" not in vars(cls):
+                cls.op_name = name
+            return cls
+
+        return deco
+
+    def unregister(self, name: str) -> None:
+        """Remove `name` (tests that register a throwaway operator)."""
+        self._items.pop(name, None)
+        self._help.pop(name, None)
+
+
+OPS = OpRegistry("operator")

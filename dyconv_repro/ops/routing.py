@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from dyconv_repro.errors import UserError
-from dyconv_repro.ops.shared import DynamicConvOp, gap
+from dyconv_repro.ops.engine import DynamicConvOp, gap
 
 CHANNEL_SLICES = ("all", "second_half")
 

@@ -30,12 +30,14 @@ class SqueezeExcite(SEModule):
 class SEConv(ConvOp):
     """`conv` (an nn.Conv2d, keys `conv.weight`/`conv.bias`) then `se` (SqueezeExcite on C_out)."""
 
+    placement = "se"  # configs/policy/se.yaml
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1,
-                 groups=1, bias=False, reduction=4):
+                 groups=1, bias=False, reduction=4, *, device=None, dtype=None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, self.stride, self.padding,
-                              self.dilation, self.groups, bias=bias)
-        self.se = SqueezeExcite(self.out_channels, reduction)
+                              self.dilation, self.groups, bias=bias, device=device, dtype=dtype)
+        self.se = SqueezeExcite(self.out_channels, reduction).to(device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.se(self.conv(x))

@@ -17,19 +17,17 @@ Two training modes:
   and deployment uses alpha = A^+ W (so the deployed layer differs from the trained one by exactly
   the residual that the loss measures).
 
-Speed of the decomposed form (CPU): the sum-pool only adds, but it is memory-bound (about 1-2 ns per
-element on this machine) while the dense conv runs at GEMM speed (about 0.03 ns per MAdd), so it pays
-only where each pooled element saves enough multiplications. `decompose()` therefore keeps the
-equivalent plain conv (as a one-stage nn.Sequential) when the MAdds saved per element read by the
-sum-pool are below DECOMPOSE_MIN_GAIN (measured, see `decompose_gain`); `decompose(always=True)` always
-returns SumPool + small conv. For NCHW or channels_last input that needs no gradient the sum-pool is one
-native pass (csrc/sum_pool.cpp, when built); otherwise it is a channel box sum by cumulative sum + shifted
-difference (or a running window over channels for large NCHW maps) and a spatial box sum by
-separable shifted adds (NCHW) or avg_pool2d(divisor_override=1) / a depthwise ones-conv (channels_last).
+Math transforms stay exact: `decompose()` always returns SumPool + small conv and `reparameterize()` the plain
+conv; which form pays on a given machine is the deploy tool's choice (`dyconv-deploy decompose=auto`). How the
+SumPool runs is the engine's (`dispatch.sum_pool`: the CPU backend has a native one-pass kernel; the
+device-agnostic form is a channel box sum by cumulative sum + shifted difference and a spatial box sum by
+separable shifted adds). The basis products run in fp32 with autocast off: the structural residual is
+meaningless in bf16, and mixed-dtype tensordots fail under autocast.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -39,27 +37,10 @@ from torch.nn.modules.utils import _pair
 
 from dyconv_repro.errors import UserError
 from dyconv_repro.ops.base import ConvOp
+from dyconv_repro.ops.engine import dispatch
 from dyconv_repro.ops.registry import OPS
-from dyconv_repro.ops.shared import native_for, nchw_or_channels_last
 
 MODES = ("regularize", "parameterize")
-# Decompose a layer only when (dense MAdds - decomposed MAdds) / (elements the sum-pool reads) reaches this.
-# Measured per layer (1 thread, torch 2.14.1, batch 1 and 32, NCHW and channels_last; resnet20 and
-# mobilenet_v2 shapes): gains <= 80 lost (1.1-3x slower: 16->16 3x3 @32^2, projections 576->160,
-# 960->160, expansions 16->96, 24->144), gains ~100 tied (32->192), gains >= 150 won (0.5-0.95x:
-# 32->32 and 64->64 3x3, 64->384, 96->576, 160->960, 960->320). Depthwise layers gain <= 5: never.
-# Re-checked with the native sum-pool (2 threads, NCHW): gains 80-96 now win (576->160, 960->160, 32->192:
-# 0.45-0.92x at batch 1 and 32; in channels_last 960->160 still loses at batch 1, 1.20x) and 16->16 3x3 @32^2
-# (75) still loses at batch 32 (1.75x: its 8->16 2x2 conv is slow in oneDNN), so the threshold stays; the aten
-# path, which runs without a build, needs it anyway.
-DECOMPOSE_MIN_GAIN = 100.0
-# NCHW channel box sum: a running window over channels (2 vectorized ops per output channel) beats
-# torch.cumsum (a scalar scan) once each channel slab (batch * H * W) is this large.
-_LOOP_MIN_SLAB = 32768
-# channels_last spatial box sum: avg_pool2d up to this many elements, a depthwise ones-conv above
-# (measured: the pool kernel wins on small maps, oneDNN's depthwise conv on large ones; for NCHW
-# separable shifted adds beat both, 2-10x, at every size tried).
-_POOL_MAX_NUMEL = 16384
 
 
 def box_basis(size: int, hidden: int) -> torch.Tensor:
@@ -71,9 +52,12 @@ def box_basis(size: int, hidden: int) -> torch.Tensor:
 
 
 def _apply_factors(t: torch.Tensor, mats) -> torch.Tensor:
-    """Multiply axis d+1 of `t` (axis 0 = output channels) by matrix mats[d] (out_d x in_d)."""
-    for d, m in enumerate(mats):
-        t = torch.movedim(torch.tensordot(t, m, dims=([d + 1], [1])), -1, d + 1)
+    """Multiply axis d+1 of `t` (axis 0 = output channels) by matrix mats[d] (out_d x in_d), autocast off."""
+    device_type = t.device.type
+    autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+        for d, m in enumerate(mats):
+            t = torch.movedim(torch.tensordot(t, m.to(t.dtype), dims=([d + 1], [1])), -1, d + 1)
     return t
 
 
@@ -96,7 +80,8 @@ class _Structured(nn.Module):
     Subclasses call `_setup(out_features, full_dims, hidden_dims, mode, bias, fan_in)`.
     """
 
-    def _setup(self, out_features: int, full_dims, hidden_dims, mode: str, bias: bool, fan_in: int):
+    def _setup(self, out_features: int, full_dims, hidden_dims, mode: str, bias: bool, fan_in: int,
+               device=None, dtype=None):
         if mode not in MODES:
             raise UserError(f"structured: unknown mode {mode!r}; valid choices: {', '.join(MODES)}")
         self.mode = mode
@@ -104,20 +89,22 @@ class _Structured(nn.Module):
         self.hidden_dims = tuple(int(d) for d in hidden_dims)
         self._nfac = len(full_dims)
         for i, (n_full, n_hid) in enumerate(zip(self.full_dims, self.hidden_dims)):
-            a = box_basis(n_full, n_hid)
-            self.register_buffer(f"basis{i}", a.float(), persistent=False)
-            self.register_buffer(f"pinv{i}", torch.linalg.pinv(a).float(), persistent=False)
+            a = box_basis(n_full, n_hid)  # exact in float64 on CPU, then stored in the layer's dtype
+            self.register_buffer(f"basis{i}", a.to(device=device, dtype=dtype or torch.float32), persistent=False)
+            self.register_buffer(f"pinv{i}", torch.linalg.pinv(a).to(device=device, dtype=dtype or torch.float32),
+                                 persistent=False)
         bound = 1.0 / math.sqrt(fan_in)  # nn.Conv2d / nn.Linear default init scale
+        dd = dict(device=device, dtype=dtype)
         if mode == "regularize":
-            w = torch.empty(out_features, *self.full_dims)
+            w = torch.empty(out_features, *self.full_dims, **dd)
             nn.init.kaiming_uniform_(w, a=math.sqrt(5))
             self.weight = nn.Parameter(w)
         else:
-            alpha = torch.randn(out_features, *self.hidden_dims)
+            alpha = torch.randn(out_features, *self.hidden_dims, **dd)
             w = _apply_factors(alpha, self._bases())
             # scale alpha so that W = A alpha has the RMS of the dense layer's default init
             self.alpha = nn.Parameter(alpha * (bound / math.sqrt(3) / w.square().mean().sqrt().clamp_min(1e-12)))
-        self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound)) if bias else None
+        self.bias = nn.Parameter(torch.empty(out_features, **dd).uniform_(-bound, bound)) if bias else None
 
     def _bases(self):
         return [getattr(self, f"basis{i}") for i in range(self._nfac)]
@@ -127,11 +114,11 @@ class _Structured(nn.Module):
 
     def project(self, weight: torch.Tensor) -> torch.Tensor:
         """alpha = A^+ W (least squares), computed factor by factor."""
-        return _apply_factors(weight, [p.to(weight.dtype) for p in self._pinvs()])
+        return _apply_factors(weight, self._pinvs())
 
     def build(self, alpha: torch.Tensor) -> torch.Tensor:
         """W = A alpha."""
-        return _apply_factors(alpha, [a.to(alpha.dtype) for a in self._bases()])
+        return _apply_factors(alpha, self._bases())
 
     def kernel(self) -> torch.Tensor:
         """The full kernel used by the training-time forward."""
@@ -142,10 +129,10 @@ class _Structured(nn.Module):
         return self.alpha if self.mode == "parameterize" else self.project(self.weight)
 
     def regularization_loss(self) -> torch.Tensor:
-        """||(I - A A^+) W||_F / ||W||_F for this layer (exactly 0 in parameterize mode)."""
+        """||(I - A A^+) W||_F / ||W||_F for this layer, in fp32 at least (exactly 0 in parameterize mode)."""
         if self.mode == "parameterize":
-            return self.alpha.new_zeros(())
-        w = self.weight
+            return self.alpha.new_zeros((), dtype=torch.promote_types(self.alpha.dtype, torch.float32))
+        w = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
         resid = w - self.build(self.project(w))
         return resid.norm() / w.norm().clamp_min(1e-12)
 
@@ -172,15 +159,17 @@ class StructuredConv2d(_Structured, ConvOp):
     Grouped/depthwise convs are structured per group (the channel box never crosses a group).
     """
 
+    placement = "structured"  # configs/policy/structured.yaml
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1,
-                 groups=1, bias=False, c=None, n=None, mode="regularize"):
+                 groups=1, bias=False, c=None, n=None, mode="regularize", *, device=None, dtype=None):
         ConvOp.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
         cg = self.in_channels // self.groups
         hc = _resolve_hidden(c, cg, "c", max(1, cg // 2))
         n_pair = _pair(n) if n is not None else (None, None)
         hn = tuple(_resolve_hidden(nv, k, "n", max(1, k - 1)) for nv, k in zip(n_pair, self.kernel_size))
         self._setup(self.out_channels, (cg, *self.kernel_size), (hc, *hn), mode, bias,
-                    fan_in=cg * self.kernel_size[0] * self.kernel_size[1])
+                    fan_in=cg * self.kernel_size[0] * self.kernel_size[1], device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.kernel(), self.bias, self.stride, self.padding, self.dilation, self.groups)
@@ -206,19 +195,14 @@ class StructuredConv2d(_Structured, ConvOp):
         return math.inf if pooled == 0 else saved / pooled
 
     @torch.no_grad()
-    def decompose(self, always: bool = False) -> nn.Sequential:
+    def decompose(self) -> nn.Sequential:
         """SumPool (window (C-c+1) x (N-n+1)^2, stride 1) + C_out x c x n x n conv, equal to the conv.
-
-        Where the sum-pool cannot pay for itself (`decompose_gain() < DECOMPOSE_MIN_GAIN`, e.g. depthwise,
-        small or projecting layers) and not `always`, returns nn.Sequential(the equivalent plain conv).
 
         Padding: the original conv's zero padding p is applied to the INPUT of the spatial box sum (a box
         sum over zero-padded input); the small conv then uses padding 0. Padding the pooled map instead
         would be wrong at the border. Stride s and dilation d go to the small conv; the sum-pool runs at
         stride 1 with the same dilation d (its box is made of the dilated kernel taps).
         """
-        if not always and self.decompose_gain() < DECOMPOSE_MIN_GAIN:
-            return nn.Sequential(self.reparameterize())
         alpha = self.hidden_kernel()
         cg, kh, kw = self.full_dims
         hc, nh, nw = self.hidden_dims
@@ -261,19 +245,6 @@ def channel_box_sum(x: torch.Tensor, window: int, dim: int = 1) -> torch.Tensor:
     return out
 
 
-def _channel_box_running(x: torch.Tensor, window: int) -> torch.Tensor:
-    """Same as channel_box_sum(x, window, 1) for NCHW-contiguous x, as a running window: out[j] =
-    out[j-1] + x[j+window-1] - x[j-1], each step a vectorized op over a (batch, H, W) slab."""
-    n = x.shape[1] - window + 1
-    out = x.new_empty(x.shape[0], n, *x.shape[2:])
-    out[:, 0] = x[:, :window].sum(1)
-    for j in range(1, n):
-        o = out[:, j]
-        torch.add(out[:, j - 1], x[:, j + window - 1], out=o)
-        o.sub_(x[:, j - 1])
-    return out
-
-
 def _box_sum_shifted(x: torch.Tensor, dim: int, window: int, dilation: int) -> torch.Tensor:
     """Stride-1 box sum of `window` taps `dilation` apart along `dim`, as window - 1 shifted adds."""
     if window == 1:
@@ -301,44 +272,23 @@ class SumPool(nn.Module):
         wc, wh, ww = self.window
         if not 1 <= wc <= self.cpg:
             raise UserError(f"SumPool: channel window {wc} must be in 1..{self.cpg}")
-        channels = self.groups * (self.cpg - wc + 1)
-        # depthwise ones kernel for the channels_last spatial box sum on large maps
-        self.register_buffer("ones", torch.ones(channels, 1, wh, ww), persistent=False)
-
-    @staticmethod
-    def _native(x: torch.Tensor):
-        """The native one-pass kernel (csrc/sum_pool.cpp) for NCHW / channels_last input needing no gradient."""
-        if x.requires_grad and torch.is_grad_enabled() or x.dim() != 4 or not nchw_or_channels_last(x):
-            return None
-        return native_for("sum_pool_forward", x)
-
-    def _channel_box(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        wc = self.window[0]
-        if self.groups > 1:  # the channel box never crosses a group: fold the groups into the batch
-            x = x.reshape(b * self.groups, self.cpg, h, w)
-        if x.is_contiguous() and x.shape[0] * h * w >= _LOOP_MIN_SLAB:
-            y = _channel_box_running(x, wc)
-        else:
-            y = channel_box_sum(x, wc, 1)
-        return y.reshape(b, -1, h, w) if self.groups > 1 else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        wc, wh, ww = self.window
+        return dispatch.sum_pool(self, x)
+
+    def box_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """The device-agnostic sum-pool (the reference of the backends' versions)."""
+        b, _, h, w = x.shape
+        wc = self.window[0]
+        if wc > 1:  # the channel box never crosses a group: fold the groups into the batch
+            y = channel_box_sum(x.reshape(b * self.groups, self.cpg, h, w) if self.groups > 1 else x, wc, 1)
+            x = y.reshape(b, -1, h, w) if self.groups > 1 else y
+        return self.spatial_box_sum(x)
+
+    def spatial_box_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """The spatial box sum over the zero-padded map, as separable shifted adds (any dilation, any layout)."""
+        _, wh, ww = self.window
         ph, pw = self.padding
-        native = self._native(x)
-        if native is not None:
-            return native.sum_pool_forward(x, self.groups, wc, wh, ww, self.padding, self.dilation)
-        if wc > 1:
-            x = self._channel_box(x)
-        if wh * ww == 1:
-            return F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            if self.dilation == (1, 1) and 2 * ph <= wh and 2 * pw <= ww and x.numel() <= _POOL_MAX_NUMEL:
-                # small channels_last maps: the vectorized pooling kernel (divisor 1 = a sum, zero padding)
-                return F.avg_pool2d(x, (wh, ww), 1, (ph, pw), count_include_pad=True, divisor_override=1)
-            return F.conv2d(x, self.ones.to(x.dtype), None, 1, (ph, pw), self.dilation, x.shape[1])
-        # NCHW: separable shifted adds over the zero-padded map (no conv/pool setup cost, any dilation)
         if ph or pw:
             x = F.pad(x, (pw, pw, ph, ph))
         return _box_sum_shifted(_box_sum_shifted(x, -1, ww, self.dilation[1]), -2, wh, self.dilation[0])
@@ -352,11 +302,13 @@ class StructuredLinear(_Structured):
     """FC form: W (out x in) = A_C alpha with a sliding box of in-c+1 features; decomposes into a 1-D
     sum-pool over features + nn.Linear(c, out). Default c = in_features // 2."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, c=None, mode="regularize"):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, c=None, mode="regularize", *,
+                 device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
         hc = _resolve_hidden(c, self.in_features, "c", max(1, self.in_features // 2))
-        self._setup(self.out_features, (self.in_features,), (hc,), mode, bias, fan_in=self.in_features)
+        self._setup(self.out_features, (self.in_features,), (hc,), mode, bias, fan_in=self.in_features,
+                    device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.kernel(), self.bias)
@@ -377,11 +329,8 @@ class StructuredLinear(_Structured):
         return math.inf if saved == 0 else saved / self.in_features
 
     @torch.no_grad()
-    def decompose(self, always: bool = False) -> nn.Sequential:
-        """SumPool1d (window in-c+1) + nn.Linear(c, out); nn.Sequential(the plain nn.Linear) where the
-        pool cannot pay for itself (`decompose_gain() < DECOMPOSE_MIN_GAIN`) and not `always`."""
-        if not always and self.decompose_gain() < DECOMPOSE_MIN_GAIN:
-            return nn.Sequential(self.reparameterize())
+    def decompose(self) -> nn.Sequential:
+        """SumPool1d (window in-c+1) + nn.Linear(c, out), equal to the layer."""
         alpha = self.hidden_kernel()
         lin = nn.Linear(self.hidden_dims[0], self.out_features, bias=self.bias is not None,
                         device=alpha.device, dtype=alpha.dtype)
@@ -393,6 +342,9 @@ class StructuredLinear(_Structured):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"hidden={self.hidden_dims[0]}, mode={self.mode!r}, bias={self.bias is not None}")
+
+
+StructuredConv2d.linear_form = StructuredLinear  # the classifier form (policies that replace it)
 
 
 class SumPool1d(nn.Module):

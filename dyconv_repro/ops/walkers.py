@@ -27,24 +27,28 @@ def iter_capable(model: nn.Module, attr: str, prefix: str = "") -> Iterator[tupl
         yield from iter_capable(child, attr, f"{prefix}.{name}" if prefix else name)
 
 
-def _convert(model: nn.Module, attr: str) -> nn.Module:
+def _convert(model: nn.Module, attr: str, select=None) -> nn.Module:
     model = copy.deepcopy(model).eval()
     with torch.no_grad():
         if _capable(model, attr):
+            if select is not None and not select(model):
+                return model
             new = getattr(model, attr)()
             return (model if new is None else new).eval()
-        _convert_children(model, attr)
+        _convert_children(model, attr, select)
     return model.eval()
 
 
-def _convert_children(module: nn.Module, attr: str) -> None:
+def _convert_children(module: nn.Module, attr: str, select=None) -> None:
     for name, child in list(module.named_children()):
         if _capable(child, attr):
+            if select is not None and not select(child):
+                continue
             new = getattr(child, attr)()
             if new is not None:  # None: the module converted itself in place (timm's RepVGG-style blocks)
                 setattr(module, name, new)
         else:
-            _convert_children(child, attr)
+            _convert_children(child, attr, select)
 
 
 def reparameterize_model(model: nn.Module) -> nn.Module:
@@ -52,9 +56,10 @@ def reparameterize_model(model: nn.Module) -> nn.Module:
     return _convert(model, "reparameterize")
 
 
-def decompose_model(model: nn.Module) -> nn.Module:
-    """Deep copy in eval mode with every structured op replaced by its `decompose()` (SumPool + small conv)."""
-    return _convert(model, "decompose")
+def decompose_model(model: nn.Module, select=None) -> nn.Module:
+    """Deep copy in eval mode with every structured op -- or those for which `select(layer)` is true -- replaced
+    by its `decompose()` (SumPool + small conv); the others are left as they are."""
+    return _convert(model, "decompose", select)
 
 
 def set_temperature(model: nn.Module, t: float) -> int:

@@ -14,7 +14,15 @@ import yaml
 from dyconv_repro.config_dir import config_dir
 from dyconv_repro.errors import UserError
 
-PAPERS = ("condconv", "dynamicconv", "dynet", "weightnet", "mixconv", "structured", "refconv")
+
+
+def paper_names() -> tuple[str, ...]:
+    """The papers with table rows: one folder each under configs/experiment/ (a new paper is a new folder)."""
+    root = Path(config_dir()) / "experiment"
+    return tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))))
+
+
+PAPERS = paper_names()
 NUMBERS = ("params_m", "madds_m", "top1", "top1_alt", "top1_err")
 
 

@@ -3,7 +3,7 @@
 // Why native: with K = 4 kernels the mix is a skinny (B, 4) @ (4, n) product, which MKL runs at about half
 // the speed of this one-pass blocked loop (2 threads, K = 4: n = 36864 x 32 rows 525 -> 223 us; ResNet-18's
 // 512-channel kernels, n = 2.36M x 8 rows, 15.1 -> 7.8 ms). The bank's gradient coeff^T @ g is the same
-// product with the B rows of g as sources (shared.py `_NativeBankMix.backward`); coeff's gradient stays mm
+// product with the B rows of g as sources (ops/cpu/kernels.py `_NativeBankMix.backward`); coeff's gradient stays mm
 // (a fused one-pass backward of both measured no faster than MKL's two). The reference is torch.mm.
 #include "native.h"
 

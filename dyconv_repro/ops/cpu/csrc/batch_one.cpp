@@ -4,7 +4,7 @@
 // ones that go parallel, waking the OpenMP pool), and a dynamic layer needs 5-7 of them before its conv:
 // on CIFAR/MobileNet-size layers that overhead was 40-60 % of the conv. Here the same arithmetic runs as
 // plain loops on small tensors and goes parallel only where the work pays for the wake-up.
-// The Python path (dyconv_repro/ops/shared.py, `kernel_one`) is the reference this is tested against.
+// The Python path (dyconv_repro/ops/cpu/batch_one.py, `kernel_one`) is the reference this is tested against.
 #include "native.h"
 
 #include <algorithm>

@@ -1,4 +1,4 @@
-// The Python module of the native kernels (loaded by dyconv_repro/ops/native.py).
+// The Python module of the native kernels (loaded by dyconv_repro/ops/cpu/native.py).
 #include "native.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

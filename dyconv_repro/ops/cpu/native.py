@@ -10,7 +10,7 @@
   calls that cost more than the small conv after it).
 
 They are accelerators, never a requirement: without a C++ compiler, or with DYCONV_NATIVE=0, the Python
-paths in shared.py run (and are the references the native kernels are tested against).
+aten paths of the engine and of this backend run (and are the references the native kernels are tested against).
 
 Build it with `dyconv-native` (`make install` does; ~2 min, needs g++ and ninja).
 It is never compiled implicitly in the middle of a run: `get()` only loads an existing build. The build
@@ -86,7 +86,7 @@ _SUSPENDED = threading.local()
 @contextmanager
 def suspended():
     """Within the block the ops run their aten paths only: the references the native kernels are tested
-    against (`DynamicConvOp.reference_forward`) never share code with what they check."""
+    against (`DynamicConvOp.reference_forward` also disables every backend) never share code with what they check."""
     depth = getattr(_SUSPENDED, "depth", 0)
     _SUSPENDED.depth = depth + 1
     try:

@@ -4,7 +4,7 @@
 // the groups, which oneDNN only has in NCHW; there it is 2-2.5x slower than the channels_last static
 // depthwise conv (MobileNetV2 dw 3x3 576@14^2, batch 64, fwd+bwd: 60-84 ms vs 29 ms). In NHWC the channel
 // axis is contiguous, so every tap is a vectorized multiply-add over channels with the sample's kernel.
-// Reference: dyconv_repro/ops/shared.py `loop_conv2d` (one plain conv per sample), which this is tested
+// Reference: dyconv_repro/ops/engine/paths.py `loop_conv2d` (one plain conv per sample), which this is tested
 // against.
 //
 // Layouts: x, y, gy, gx are (B, C, H, W) tensors in channels_last memory, i.e. [b][h][w][c]; kernels are

@@ -1,0 +1,232 @@
+"""The one dispatch point: how an operator's per-sample kernel is applied, keyed by device type.
+
+Default rules (every device type): a 1x1 / zero-padding / one-group kernel runs as a batched matmul, every other
+kernel as the fold (batch folded into conv groups). No GPU measurement is in the repo yet, so CUDA and every
+other device without a backend use exactly these (`results/benchmarks/` holds the measurements behind each rule).
+
+A **backend** is an opt-in acceleration for one device type (`Backend`; the CPU backend in `ops/cpu/` registers
+itself when `dyconv_repro.ops` is imported). The dispatch point asks the backend registered for the input's device
+type first; each hook may decline by returning None, and the default rule runs. No backend is consulted
+
+- while the model is traced, compiled or exported (`exporting()`): tracers must see plain aten calls;
+- inside `backends_disabled()`: the per-sample references, so that fast == reference tests check a backend
+  against code it does not share.
+
+Removing a backend package leaves a complete, correct library.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dyconv_repro.ops.engine.paths import PATHS, is_channels_last, is_pointwise
+from dyconv_repro.ops.engine.pooling import pool_tee
+
+
+class Backend:
+    """Opt-in acceleration of the operators on one device type. Every hook returns None to decline."""
+
+    device_type: str = ""
+    paths: dict[str, Callable] = {}  # extra per-sample conv paths (name -> fn with the `paths.PATHS` signature)
+
+    def forward(self, op, x: Tensor) -> Tensor | None:
+        """The whole forward of a dynamic op (batch-1 plans, streamed kernels), or None."""
+        return None
+
+    def select_path(self, call: ConvCall) -> str | None:
+        """The per-sample conv path for `call` (a name in `paths.PATHS` or `self.paths`), or None."""
+        return None
+
+    def bank_mix(self, coeff: Tensor, bank2d: Tensor) -> Tensor | None:
+        """coeff (B, K) @ bank2d (K, n), differentiable, or None (torch.mm runs)."""
+        return None
+
+    def sum_pool(self, pool, x: Tensor) -> Tensor | None:
+        """The structured SumPool of x, or None (`pool.box_sum` runs)."""
+        return None
+
+    def mixconv_impl(self, op, x: Tensor) -> str | None:
+        """'split' or 'fused' for a MixConv call whose impl is 'auto', or None."""
+        return None
+
+    def status(self) -> str:
+        """One line for logs and benchmark pages."""
+        return "on"
+
+
+_BACKENDS: dict[str, Backend] = {}
+_STATE = threading.local()
+
+
+def register_backend(backend: Backend) -> None:
+    """Make `backend` the acceleration of its device type (replacing a previous one)."""
+    _BACKENDS[backend.device_type] = backend
+
+
+def registered_backends() -> dict[str, Backend]:
+    return dict(_BACKENDS)
+
+
+def backend_status(device_type: str) -> str:
+    """The backend's own status line for `device_type`, or 'off (no backend)'."""
+    backend = _BACKENDS.get(device_type)
+    return "off (no backend)" if backend is None else backend.status()
+
+
+@contextmanager
+def backends_disabled():
+    """Within the block every op runs the default rules only (the references; tests of the bare library)."""
+    depth = getattr(_STATE, "off", 0)
+    _STATE.off = depth + 1
+    try:
+        yield
+    finally:
+        _STATE.off = depth
+
+
+def exporting() -> bool:
+    """The model is being compiled, traced or exported: only plain, traceable aten calls may run."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
+
+
+def backend_for(x: Tensor) -> Backend | None:
+    """The backend for x's device type, or None (none registered, disabled, or exporting)."""
+    backend = _BACKENDS.get(x.device.type)
+    if backend is None or getattr(_STATE, "off", 0) or exporting():
+        return None
+    return backend
+
+
+def _backend_for_type(device_type: str) -> Backend | None:
+    backend = _BACKENDS.get(device_type)
+    if backend is None or getattr(_STATE, "off", 0) or exporting():
+        return None
+    return backend
+
+
+@dataclass(frozen=True)
+class ConvCall:
+    """What a path choice may depend on: the device type, the input's shape, layout and dtype, the kernel."""
+
+    device_type: str
+    batch: int
+    in_channels: int
+    in_size: tuple[int, int]
+    kernel_shape: tuple[int, int, int, int]  # (C_out, C_in / groups, kh, kw) of one sample
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    channels_last: bool = False
+    dtype: torch.dtype = torch.float32
+
+    @classmethod
+    def of(cls, x: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> ConvCall:
+        """The call of per-sample kernels `weight` (B, C_out, C_in/g, kh, kw) on x (B, C_in, H, W)."""
+        return cls(x.device.type, x.shape[0], x.shape[1], tuple(x.shape[-2:]), tuple(weight.shape[1:]),
+                   tuple(stride), tuple(padding), tuple(dilation), int(groups), is_channels_last(x), x.dtype)
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        (h, w), (_, _, kh, kw) = self.in_size, self.kernel_shape
+        return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
+                     for n, p, d, k, s in zip((h, w), self.padding, self.dilation, (kh, kw), self.stride))
+
+    @property
+    def pointwise(self) -> bool:
+        return is_pointwise(self.kernel_shape[-2:], self.padding, self.groups)
+
+    @property
+    def grouped_depthwise(self) -> bool:
+        """One input channel per group (any channel multiplier)."""
+        return self.groups > 1 and self.groups == self.in_channels and self.kernel_shape[1] == 1
+
+    @property
+    def depthwise(self) -> bool:
+        """Depthwise without a channel multiplier (C_out == C_in == groups)."""
+        return self.grouped_depthwise and self.kernel_shape[0] == self.in_channels
+
+
+def select_path(call: ConvCall) -> str:
+    """The per-sample conv path for `call`: matmul for pointwise kernels, else the backend's choice or fold."""
+    if call.pointwise:
+        return "matmul"
+    backend = _backend_for_type(call.device_type)
+    choice = None if backend is None else backend.select_path(call)
+    return choice or "fold"
+
+
+def available_paths(x: Tensor | None = None) -> list[str]:
+    backend = None if x is None else backend_for(x)
+    return ["auto", *PATHS, *(backend.paths if backend is not None else ()), "stream"]
+
+
+def dynamic_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int,
+                   path: str = "auto") -> Tensor:
+    """Convolve sample i of x with weight[i] (+ bias[i]); `path` forces an implementation (tests, benchmarks)."""
+    if path == "auto":
+        path = select_path(ConvCall.of(x, weight, stride, padding, dilation, groups))
+    fn = PATHS.get(path)
+    if fn is None:
+        backend = backend_for(x)
+        fn = None if backend is None else backend.paths.get(path)
+    if fn is None:
+        if path == "stream":
+            raise ValueError("the stream path generates the kernels itself: it needs an op with kernel_factors() "
+                             "on a device whose backend streams (CPU)")
+        raise ValueError(f"dynamic conv path {path!r} is not available for a {x.device.type} input here; valid: "
+                         f"{', '.join(available_paths(x))}")
+    return fn(x, weight, bias, stride, padding, dilation, groups)
+
+
+def routing_input(op, x: Tensor) -> Tensor:
+    """x, or (training, per-layer routing) an alias of x that carries GAP(x) so that the conv's and the routing's
+    gradients of x meet in place (`pooling.pool_tee`)."""
+    if op._slot is None and x.requires_grad and torch.is_grad_enabled() and not exporting():
+        return pool_tee(x)
+    return x
+
+
+def run(op, x: Tensor) -> Tensor:
+    """The forward of a per-sample-kernel op: the backend's, else `op.kernel(x)` through `dynamic_conv2d`."""
+    backend = backend_for(x)
+    if backend is not None:
+        y = backend.forward(op, x)
+        if y is not None:
+            return y
+    if op.path == "stream":
+        raise ValueError(f"{type(op).__name__}: the stream path is the CPU backend's (kernel_factors(), CPU fp32 "
+                         "input); use path='auto'")
+    x = routing_input(op, x)
+    weight, bias = op.kernel(x)
+    return dynamic_conv2d(x, weight, bias, op.stride, op.padding, op.dilation, op.groups, op.path)
+
+
+def bank_mix(coeff: Tensor, bank2d: Tensor) -> Tensor:
+    """coeff (B, K) @ bank2d (K, n): the backend's mix where it has one, else torch.mm."""
+    backend = backend_for(coeff)
+    mixed = None if backend is None else backend.bank_mix(coeff, bank2d)
+    return torch.mm(coeff, bank2d) if mixed is None else mixed
+
+
+def sum_pool(pool, x: Tensor) -> Tensor:
+    """A structured SumPool's forward: the backend's, else the device-agnostic `pool.box_sum`."""
+    backend = backend_for(x)
+    y = None if backend is None else backend.sum_pool(pool, x)
+    return pool.box_sum(x) if y is None else y
+
+
+def mixconv_impl(op, x: Tensor) -> str:
+    """'fused' (one conv with zero-padded kernels) or 'split' (one conv per group) for a MixConv with impl=auto.
+    Default 'split': the paper's and timm's form (unmeasured on GPU: a project choice)."""
+    if op.groups == 1:
+        return "split"  # a fused dense conv would not be block-diagonal
+    backend = backend_for(x)
+    choice = None if backend is None else backend.mixconv_impl(op, x)
+    return choice or "split"

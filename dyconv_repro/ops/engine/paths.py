@@ -1,0 +1,106 @@
+"""The device-agnostic ways to convolve sample i of x with its own kernel weight[i].
+
+Every path takes x (B, C_in, H, W), weight (B, C_out, C_in/g, kh, kw) and bias (B, C_out) or None and returns
+the same values; `loop_conv2d` is the reference the tests compare the others with. Which one runs is decided in
+one place, `dispatch.select_path`.
+
+* ``fold``  : the batch folded into conv groups, x -> (1, B*C_in, H, W), groups = B*g: one grouped conv for any
+              geometry (DY-Conv's and CondConv's official code do the same). At batch 1 it is the plain conv
+              with the aggregated kernel.
+* ``matmul``: a 1x1, zero-padding, one-group kernel as a batched matmul (stride = subsampling first); keeps
+              channels_last inputs channels_last.
+* ``loop``  : one plain conv per sample.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def is_channels_last(x: Tensor) -> bool:
+    """4-D and laid out channels_last (and not also plain contiguous, as a 1x1 map is)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def nchw_or_channels_last(x: Tensor) -> bool:
+    """x is dense in one of the two layouts convs read (no strided view)."""
+    return x.is_contiguous() or is_channels_last(x)
+
+
+def is_pointwise(kernel_size, padding, groups: int) -> bool:
+    """1x1, no padding, one group: the per-sample conv is a (batched) matmul at every batch size."""
+    return tuple(kernel_size) == (1, 1) and tuple(padding) == (0, 0) and groups == 1
+
+
+def is_depthwise(x: Tensor, weight: Tensor, groups: int) -> bool:
+    """One input channel per group, one output channel per input channel (no channel multiplier)."""
+    return groups > 1 and groups == x.shape[1] == weight.shape[1] and weight.shape[2] == 1
+
+
+def fold_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int) -> Tensor:
+    """Per-sample kernels as one grouped conv with the batch folded into the groups."""
+    b, c_in, h, w = x.shape
+    c_out = weight.shape[1]
+    y = F.conv2d(x.reshape(1, b * c_in, h, w), weight.reshape(b * c_out, *weight.shape[2:]),
+                 None if bias is None else bias.reshape(-1), stride, padding, dilation, b * groups)
+    return y.reshape(b, c_out, y.shape[-2], y.shape[-1])
+
+
+class _DenseGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient dense.
+
+    `y.sum().backward()` (and similar) hands back a stride-0 expanded gradient, which sends bmm to a per-batch
+    copy loop; a conv makes its gradient contiguous itself, bmm does not.
+    """
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous()
+
+
+def matmul_conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None, stride) -> Tensor:
+    """1x1, zero-padding, groups=1 per-sample conv as a batched matmul; output keeps x's memory format."""
+    sh, sw = stride
+    if (sh, sw) != (1, 1):
+        x = x[:, :, ::sh, ::sw]
+    b, c_in, h, w = x.shape
+    wmat = weight.reshape(b, weight.shape[1], c_in)
+    if is_channels_last(x):
+        xm = x.permute(0, 2, 3, 1).reshape(b, h * w, c_in)
+        if bias is None:
+            y = torch.bmm(xm, wmat.transpose(1, 2))
+        else:
+            y = torch.baddbmm(bias.unsqueeze(1), xm, wmat.transpose(1, 2))
+        if y.requires_grad:
+            y = _DenseGrad.apply(y)
+        return y.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+    xm = x.reshape(b, c_in, h * w)
+    y = torch.bmm(wmat, xm) if bias is None else torch.baddbmm(bias.unsqueeze(2), wmat, xm)
+    if y.requires_grad:
+        y = _DenseGrad.apply(y)
+    return y.reshape(b, -1, h, w)
+
+
+def matmul_path(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int) -> Tensor:
+    """`matmul_conv1x1` with the common path signature (and its geometry check)."""
+    if weight.shape[-2:] != (1, 1) or tuple(padding) != (0, 0) or groups != 1:
+        raise ValueError("the matmul path needs a 1x1 kernel, zero padding and groups=1")
+    return matmul_conv1x1(x, weight, bias, stride)
+
+
+def loop_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int) -> Tensor:
+    """One plain conv per sample: the reference (and, on CPU, a fast path for big per-sample convs)."""
+    biases = [None] * x.shape[0] if bias is None else bias.unbind(0)
+    outs = [F.conv2d(xi.unsqueeze(0), wi, bi, stride, padding, dilation, groups)
+            for xi, wi, bi in zip(x.unbind(0), weight.unbind(0), biases)]
+    return torch.cat(outs, 0)
+
+
+# name -> implementation; backends add their own (e.g. the CPU backend's native depthwise kernel)
+PATHS = {"fold": fold_conv2d, "matmul": matmul_path, "loop": loop_conv2d}
