@@ -1,4 +1,4 @@
-"""Time the dynamic ops' conv paths against the static floor (the evidence behind shared.select_path).
+"""Time the dynamic ops' conv paths against the static floor (the evidence behind the CPU rules, dyconv_repro/ops/cpu/rules.py).
 
     .venv/bin/python scripts/time_dynamic_paths.py [--batch 64] [--reps 3] [--ops dynamicconv,condconv]
         [--paths auto,fold,loop,stream] [--layers pw,dw,dense,cifar] [--forward-only] [--threads 2] [--clock wall|cpu]

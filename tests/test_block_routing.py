@@ -15,8 +15,8 @@ from torchvision.models.shufflenetv2 import InvertedResidual as ShuffleBlock
 
 from dyconv_repro.models.block_routing import apply_block_routing
 from dyconv_repro.ops import build_op
-from dyconv_repro.ops.routing import BlockRouter
 from dyconv_repro.ops.engine import DynamicConvOp, aggregate
+from dyconv_repro.ops.routing import BlockRouter
 
 
 def swap(model: nn.Module, name: str, **kwargs) -> nn.Module:

@@ -14,7 +14,13 @@ from dyconv_repro.models.deploy import DECOMPOSE_MIN_GAIN, deploy_transform
 from dyconv_repro.ops.cpu import native
 from dyconv_repro.ops.cpu.sum_pool import channel_box_running
 from dyconv_repro.ops.engine import backends_disabled
-from dyconv_repro.ops.structured import StructuredConv2d, StructuredLinear, SumPool, SumPool1d, channel_box_sum
+from dyconv_repro.ops.structured import (
+    StructuredConv2d,
+    StructuredLinear,
+    SumPool,
+    SumPool1d,
+    channel_box_sum,
+)
 from tests.conftest import count_native_calls
 
 

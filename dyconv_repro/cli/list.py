@@ -24,7 +24,25 @@ def _ops() -> list[str]:
         kwargs = OmegaConf.to_container(OmegaConf.load(f)).get("kwargs", {}) if f.is_file() else {}
         opts = ", ".join(f"{k}={v}" for k, v in (kwargs or {}).items())
         lines.append(f"  {name:<12} {OPS.help(name)}" + (f"\n  {'':<12}   options: {opts}" if opts else ""))
+        described = _description(OPS.get(name))
+        if described:
+            lines.append(f"  {'':<12}   {described}")
     return lines
+
+
+def _description(cls) -> str:
+    """What the class declares: its default placement, restrictions and optional capabilities."""
+    placement = getattr(cls, "placement", None)
+    where = (f"policy/{placement}" if isinstance(placement, str) else
+             "inline " + ", ".join(f"{k}={v}" for k, v in dict(placement).items()) if placement is not None
+             else f"policy/{getattr(cls, 'op_name', '?')}")
+    parts = [f"placement: {where}"]
+    if getattr(cls, "depthwise_only", False):
+        parts.append("depthwise convs only")
+    caps = cls.capabilities() if hasattr(cls, "capabilities") else []
+    if caps:
+        parts.append("capabilities: " + ", ".join(caps))
+    return "; ".join(parts)
 
 
 def _registry_lines(registry) -> list[str]:

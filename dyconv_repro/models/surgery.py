@@ -19,6 +19,7 @@ from dyconv_repro.models.policy import Policy, load_policy
 from dyconv_repro.models.roles import LayerReport, infer_layers
 from dyconv_repro.ops import OPS, build_op
 
+
 def _linear_class(op_name: str) -> type:
     """The operator's fully connected form (`linear_form` on its class), for policies that replace the classifier."""
     cls = OPS.get(op_name).linear_form

@@ -14,9 +14,11 @@ from collections.abc import Mapping
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-# optional methods that walkers, the trainer and deploy look for (duck-typed)
-CAPABILITY_METHODS = ("reparameterize", "decompose", "set_temperature", "regularization_loss",
-                      "load_static_weight", "block_head", "training_forward")
+# optional methods that walkers, the trainer and deploy look for (duck-typed) -> the capability they give
+CAPABILITY_METHODS = {"reparameterize": "reparameterize", "decompose": "decompose",
+                      "set_temperature": "set_temperature", "regularization_loss": "regularization_loss",
+                      "load_static_weight": "load_static_weight", "block_head": "block_routing",
+                      "training_forward": "training_form"}
 
 
 def resolve_padding(kernel_size, padding, dilation) -> tuple[int, int]:
@@ -32,10 +34,10 @@ def resolve_padding(kernel_size, padding, dilation) -> tuple[int, int]:
 def capabilities(cls: type) -> list[str]:
     """The optional capabilities a class provides (methods it defines, a classifier form)."""
     caps = []
-    for name in CAPABILITY_METHODS:
-        attr = getattr(cls, name, None)
-        if callable(attr) and not getattr(attr, "__isabstractmethod__", False) and not getattr(attr, "_absent", False):
-            caps.append(name)
+    for method, capability in CAPABILITY_METHODS.items():
+        attr = getattr(cls, method, None)
+        if callable(attr) and not getattr(attr, "_absent", False):
+            caps.append(capability)
     if getattr(cls, "linear_form", None) is not None:
         caps.append("classifier")
     return caps

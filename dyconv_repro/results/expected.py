@@ -15,7 +15,6 @@ from dyconv_repro.config_dir import config_dir
 from dyconv_repro.errors import UserError
 
 
-
 def paper_names() -> tuple[str, ...]:
     """The papers with table rows: one folder each under configs/experiment/ (a new paper is a new folder)."""
     root = Path(config_dir()) / "experiment"
