@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from dyconv_repro.config_dir import config_dir
 
 from .conftest import run_cli

@@ -384,8 +384,8 @@ class Trainer:
     def _failure_line(self, e: BaseException) -> str:
         """One line for a failed write or a diverged loss that says what is kept and how to go on."""
         if self.last_checkpoint is not None:
-            kept = "rerun with trainer.resume=auto: it continues from the last checkpoint (epoch %d, step %d)" \
-                % self.last_checkpoint
+            epoch, step = self.last_checkpoint
+            kept = f"rerun with trainer.resume=auto: it continues from the last checkpoint (epoch {epoch}, step {step})"
         else:
             kept = "rerun with trainer.resume=auto: no checkpoint was written yet, so it starts over"
         if isinstance(e, FloatingPointError):
