@@ -48,3 +48,13 @@ def test_latest_points_at_the_newest_run(make_cfg):
     second = train(make_cfg(*TINY))
     latest = Path(first["run_dir"]).parent / "latest"
     assert latest.is_symlink() and latest.resolve() == Path(second["run_dir"]).resolve()
+
+
+def test_reproduce_checks_missing_data_once_before_launching(tmp_path, capsys):
+    from dyconv_repro.cli import reproduce
+
+    rc = reproduce.main(["weightnet", "--seeds", "3", "--runs", str(tmp_path / "runs"), "--train-cmd", "false",
+                         "--", f"data.root={tmp_path / 'nowhere'}"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert not (tmp_path / "runs").exists()  # nothing launched, no _failed/ stubs
