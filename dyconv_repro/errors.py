@@ -14,3 +14,14 @@ class UnknownNameError(UserError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class RunStopped(Exception):
+    """A run that stopped early for a reason its message says in one line (a signal, a full disk, a
+    diverged loss). The run directory already records it (summary.json status, error.txt for failures);
+    the CLIs print the message without a traceback and exit with `exit_code` (130 SIGINT, 143 SIGTERM,
+    1 a failed run)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -2,7 +2,10 @@
 """`make demo`: the static baseline and every operator on the same CIFAR ResNet-20 and recipe,
 trained on the offline digits data, then one comparison table (SMOKE SCALE: digits, 32 px, CPU).
 
-    python scripts/demo.py [--epochs 5] [--readme] [--ops conv,dynamicconv,...] [--out results/tables/demo.md]
+    python scripts/demo.py [--epochs 5] [--readme] [--ops conv,dynamicconv,...] [--out <output-dir>/demo/demo.md]
+
+The table goes to <output-dir>/demo/demo.md (+ .json), so a fresh checkout stays clean; `--readme` (for
+maintainers) also writes the tracked results/tables/demo.md and README's demo section.
 
 Every run is an ordinary `dyconv-train` run under runs/demo/<op>/; the table is built from their
 summary.json files, so the numbers it prints are the ones those runs produced.
@@ -60,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--ops", default=",".join(["conv"] + [n for n in OPS.names() if n != "conv"]))
     p.add_argument("--output-dir", default="runs")
-    p.add_argument("--out", default=str(REPO / "results" / "tables" / "demo.md"))
+    p.add_argument("--out", default=None, help="table file [<output-dir>/demo/demo.md; with --readme "
+                                              "results/tables/demo.md]")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--readme", action="store_true", help="also refresh the demo table in README.md")
     p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap each epoch (a quick check of the demo)")
@@ -110,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{f('images_per_s', 1, '{:.0f}')} | {ratio} | {r.get('status')} | {r.get('demo_note', '')} |")
     table = header + "\n" + "\n".join(lines) + f"\n\nTotal wall time: {time.time() - t0:.0f} s.\n"
     print("\n" + table)
-    out = Path(args.out)
+    out = Path(args.out or (REPO / "results" / "tables" / "demo.md" if args.readme
+                            else Path(args.output_dir) / "demo" / "demo.md"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table)
     (out.with_suffix(".json")).write_text(json.dumps(rows, indent=2, default=str))

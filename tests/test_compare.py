@@ -199,7 +199,9 @@ def test_reproduce_second_wave_uses_the_stage1_checkpoint(capsys, tmp_path):
 
 def test_reproduce_failed_row_does_not_stop_the_others(tmp_path, capsys):
     fail = f"{sys.executable} -c \"import sys; print('boom', file=sys.stderr); sys.exit(3)\""
-    rc = reproduce.main(["weightnet", "--rows", "t1_w0.5_*", "--runs", str(tmp_path), "--train-cmd", fail])
+    # on the offline digits data, so that reproduce's data check (run once before launching) passes
+    rc = reproduce.main(["weightnet", "--rows", "t1_w0.5_*", "--runs", str(tmp_path), "--smoke", "--smoke-data", "digits",
+                         "--train-cmd", fail])
     assert rc == 1
     recs = collect_runs(tmp_path)
     assert sorted(r.experiment for r in recs) == ["weightnet/t1_w0.5_base", "weightnet/t1_w0.5_wn1x"]

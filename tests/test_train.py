@@ -19,6 +19,11 @@ from .conftest import run_cli
 TINY = ["trainer.epochs=2", "trainer.max_steps_per_epoch=3", "recipe.batch_size=32"]
 
 
+def real_paths(paths) -> list[Path]:
+    """The paths that are not reached through a `runs/<run_name>/latest` link."""
+    return [p for p in paths if not any(q.is_symlink() for q in p.parents)]
+
+
 def _weights(run_dir) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["model"]
 
@@ -74,7 +79,7 @@ def run_killed_then_resumed(make_cfg, monkeypatch, args, kill_step, run_name="ki
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     monkeypatch.setattr(trainer_mod, "build_hooks", real)
-    (last,) = list((Path(cfg.output_dir) / run_name).glob("*/checkpoints/last.pt"))
+    (last,) = real_paths((Path(cfg.output_dir) / run_name).glob("*/checkpoints/last.pt"))
     state = torch.load(last, weights_only=False)
     assert json.loads((last.parent.parent / "summary.json").read_text())["status"] == "interrupted"
     return state, train(make_cfg(*args, f"run_name={run_name}", "trainer.resume=auto"))
@@ -131,7 +136,7 @@ def test_multirun_gives_two_run_directories(tmp_path):
     proc = run_cli(["dyconv-train", "-m", "recipe.lr=0.05,0.1", "trainer.epochs=1", "trainer.max_steps_per_epoch=2",
                     "recipe.batch_size=32", "trainer.progress=false", f"output_dir={tmp_path}/runs"],
                    cwd=tmp_path, check=True)
-    summaries = sorted((tmp_path / "runs").glob("*/*/summary.json"))
+    summaries = sorted(real_paths((tmp_path / "runs").glob("*/*/summary.json")))
     assert len(summaries) == 2, proc.stdout
     lrs = sorted(json.loads((s.parent / "config.yaml").read_text().split("lr:")[1].split("\n")[0]) for s in summaries)
     assert lrs == [0.05, 0.1]
@@ -145,7 +150,7 @@ def test_torchrun_two_cpu_ranks_agree(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (summary,) = list((tmp_path / "runs").glob("*/*/summary.json"))
+    (summary,) = real_paths((tmp_path / "runs").glob("*/*/summary.json"))
     s = json.loads(summary.read_text())
     assert s["status"] == "finished" and s["world_size"] == 2
     assert len(s["rank_weight_checksums"]) == 2 and len(set(s["rank_weight_checksums"])) == 1
@@ -167,7 +172,7 @@ def _wait_for_checkpoint(proc, tmp_path, min_step=4, timeout=120.0):
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, f"the run ended before it could be signalled:\n{proc.stdout.read()[-3000:]}"
-        for last in (tmp_path / "runs").glob("signals/*/checkpoints/last.pt"):
+        for last in real_paths((tmp_path / "runs").glob("signals/*/checkpoints/last.pt")):
             try:
                 step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
             except Exception:  # noqa: BLE001 - the atomic rename may race the glob; poll again

@@ -42,7 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.sweep:
-            rows, best = sweep_summary(collect_runs(args.sweep), args.metric)
+            runs = collect_runs(args.sweep)
+            rows, best = sweep_summary(runs, args.metric)
+            if not rows:
+                seen = ", ".join(sorted({r.status for r in runs})) or "none"
+                raise UserError(f"no finished run under {args.sweep} (runs found: {len(runs)}, status: {seen}); give "
+                                "the sweep's own folder, runs/multirun/<date_time>, whose job folders link to their runs")
             for r in rows:
                 print(f"{r['mean']:7.2f} ± {r['std']:.2f} (n={r['n']})  {r['params']}")
             print(best)

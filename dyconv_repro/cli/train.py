@@ -6,7 +6,8 @@
     torchrun --nproc_per_node=2 -m dyconv_repro.cli.train trainer.device=cpu
 
 In a multirun a failed job writes error.txt + summary.json (status failed) into its run directory
-and the sweep goes on with the next job.
+and the sweep goes on with the next job; each job's folder under the sweep dir links to its run
+(`<sweep dir>/<n>/run`), so `dyconv-compare --sweep <sweep dir>` ranks exactly that sweep's runs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import hydra
 from omegaconf import DictConfig, open_dict
 
 from dyconv_repro.config_dir import config_dir
-from dyconv_repro.errors import UserError
+from dyconv_repro.errors import RunStopped, UserError
 
 log = logging.getLogger("dyconv")
 
@@ -55,6 +56,9 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    """Exit codes: 0 finished (or already finished), 1 failed (error.txt in the run directory), 2 bad input,
+    130 Ctrl-C, 143 SIGTERM; the last four print one line on stderr. In a multirun a failed or refused job
+    returns None to the sweeper and the sweep goes on; a signal stops the whole sweep."""
     try:
         summary = run(cfg)
         return summary.get("best_top1")
@@ -63,6 +67,14 @@ def main(cfg: DictConfig) -> float | None:
         if _is_multirun():
             return None
         raise SystemExit(2) from None
+    except RunStopped as e:
+        print(e, file=sys.stderr)
+        if _is_multirun() and e.exit_code == 1:
+            return None
+        raise SystemExit(e.exit_code) from None
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        raise SystemExit(130) from None
     except SystemExit:
         raise
     except Exception:  # noqa: BLE001

@@ -5,13 +5,23 @@ data order comes from a generator seeded the same way, so an epoch is a pure fun
 at its start. A mid-epoch checkpoint also stores the batch index and the RNG state at that point:
 resuming replays the data iterator up to that batch and restores the RNG, which gives the same
 result as an uninterrupted run on CPU.
+
+How a run ends (the CLI's exit code in brackets; summary.json's status says the same):
+finished [0]; SIGTERM / Ctrl-C: checkpoint of the partial epoch, status interrupted [143 / 130];
+a failed write (full disk) or a diverged loss: one line, status failed + error.txt, the last checkpoint
+kept [1]; bad input found before the first step: UserError, and a new run directory is removed again [2].
+`trainer.resume=auto` on a run that has finished says so and trains nothing [0].
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import logging
+import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -39,12 +49,19 @@ from dyconv_repro.engine.loggers import LocalLogger, MultiLogger, WandbLogger
 from dyconv_repro.engine.optim import build_optimizer, build_scheduler, effective_lr
 from dyconv_repro.engine.rundir import (
     claim_new_run_dir,
+    drop_metrics_after,
     find_resumable,
     git_commit,
     hardware,
+    link_sweep_job,
+    lock_run_dir,
+    point_latest,
+    read_status,
+    remove_temp_files,
     write_json_atomic,
+    write_text_atomic,
 )
-from dyconv_repro.errors import UserError
+from dyconv_repro.errors import RunStopped, UserError
 
 log = logging.getLogger("dyconv")
 
@@ -87,6 +104,25 @@ def validate_config(cfg: DictConfig) -> None:
     msp = cfg.trainer.get("max_steps_per_epoch")
     if msp is not None and int(msp) <= 0:
         raise UserError(f"trainer.max_steps_per_epoch must be positive or null, got {msp}")
+    width = cfg.model.get("width_mult")
+    if width is not None and (isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0):
+        raise UserError(f"model.width_mult must be a positive number, got {width!r}")
+    check_trainer_keys(cfg.trainer)
+
+
+def check_trainer_keys(trainer_cfg) -> None:
+    """The trainer group has one schema (configs/trainer/): a key added with `+trainer.<key>=` that no
+    trainer file declares would be ignored silently (e.g. +trainer.epoch=3 next to trainer.epochs)."""
+    import difflib
+
+    from dyconv_repro.config_dir import config_dir
+
+    known = {k for f in (Path(config_dir()) / "trainer").glob("*.yaml") for k in (OmegaConf.load(f) or {})}
+    unknown = sorted(set(trainer_cfg) - known)
+    if unknown:
+        hints = [f"trainer.{k}" + (f" (did you mean trainer.{m[0]}?)" if (m := difflib.get_close_matches(k, known, 1))
+                                   else "") for k in unknown]
+        raise UserError(f"unknown trainer key(s): {', '.join(hints)}; valid keys: {', '.join(sorted(known))}")
 
 
 def setup_logging(run_dir: Path | None, is_main: bool) -> None:
@@ -105,20 +141,32 @@ def setup_logging(run_dir: Path | None, is_main: bool) -> None:
 
 
 class _Stop:
-    """SIGTERM/SIGINT flag: the loop checks it after each step, writes a checkpoint and exits."""
+    """SIGTERM/SIGINT (Ctrl-C) flag: the loop checks it after each step and each epoch, writes a checkpoint
+    and stops. A second Ctrl-C does not wait for the step to end (KeyboardInterrupt, no checkpoint)."""
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None
         self._old = {}
 
     def install(self):
-        for sig in (signal.SIGTERM,):
+        for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(ValueError):  # not in the main thread
                 self._old[sig] = signal.signal(sig, self._handler)
         return self
 
     def _handler(self, signum, frame):
-        self.requested = True
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested, self.signum = True, signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "stop"
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGTERM)
 
     def restore(self):
         for sig, old in self._old.items():
@@ -145,37 +193,45 @@ class Trainer:
         self.epoch = 0
         self.steps_per_epoch = 1
         self.model: nn.Module | None = None
+        self.training_started = False  # after setup: a UserError before it is a refusal, and nothing is kept
+        self.last_checkpoint: tuple[int, int] | None = None  # (epoch, step) of the newest last.pt
+        self._lock_fd: int | None = None
+        self._summary_now: dict = {}
 
     # ------------------------------------------------------------------ setup
-    def _run_dir(self) -> tuple[Path, Path | None]:
-        """(run directory, checkpoint to resume from or None); decided on rank 0."""
+    def _run_dir(self) -> tuple[Path, Path | None, bool, bool]:
+        """(run directory, checkpoint to resume from or None, whether the directory is new, whether that run
+        has already finished); decided on rank 0, which also takes the directory's lock."""
         cfg = self.cfg
         resume = cfg.trainer.get("resume")
         decision = None
         if self.info.is_main:
             base = Path(cfg.output_dir) / str(cfg.run_name)
-            resume_from = None
-            run_dir = None
+            resume_from, run_dir, fresh, finished = None, None, True, False
             if resume == "auto":
                 if cfg.get("run_id"):
                     cand = base / str(cfg.run_id)
-                    if (cand / "checkpoints" / "last.pt").is_file():
-                        run_dir = cand
+                    run_dir = cand if (cand / "config.yaml").is_file() else None
                 else:
                     run_dir = find_resumable(base, cfg)
                 if run_dir is not None:
-                    resume_from = run_dir / "checkpoints" / "last.pt"
+                    fresh, finished = False, read_status(run_dir) == "finished"
+                    ckpts = run_dir / "checkpoints"
+                    # none: it died before its first checkpoint and starts over in place
+                    resume_from = next((f for f in (ckpts / "last.pt", ckpts / ckpt.PREVIOUS) if f.is_file()), None)
             elif resume:
                 resume_from = Path(str(resume))
                 if not resume_from.is_file():
                     raise UserError(f"trainer.resume={resume}: no such checkpoint")
-                run_dir = resume_from.parent.parent
+                run_dir, fresh = resume_from.parent.parent, False
             if run_dir is None:
                 run_dir = claim_new_run_dir(base, str(cfg.run_id) if cfg.get("run_id") else None)
+            if not finished:
+                self._lock_fd = lock_run_dir(run_dir)
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            decision = (str(run_dir), str(resume_from) if resume_from else None)
+            decision = (str(run_dir), str(resume_from) if resume_from else None, fresh, finished)
         decision = broadcast_object(decision, self.info)
-        return Path(decision[0]), (Path(decision[1]) if decision[1] else None)
+        return Path(decision[0]), (Path(decision[1]) if decision[1] else None), decision[2], decision[3]
 
     def _loaders(self):
         from dyconv_repro.data import build_dataset
@@ -244,10 +300,12 @@ class Trainer:
 
     def save_last(self, batch_in_epoch: int = 0, accum: dict | None = None) -> None:
         if self.info.is_main:
-            ckpt.save_atomic(self._state(batch_in_epoch, accum or {}), self.run_dir / "checkpoints" / "last.pt")
+            ckpt.save_atomic(self._state(batch_in_epoch, accum or {}), self.run_dir / "checkpoints" / "last.pt",
+                             keep_previous=True)
+        self.last_checkpoint = (self.epoch, self.global_step)
 
     def _resume(self, path: Path) -> tuple[int, dict, dict | None]:
-        state = ckpt.load_checkpoint(path)
+        state, path = ckpt.load_resumable(path)
         ckpt.load_model_state_strict(self.raw_model, state["model"], what=f"checkpoint {path}")
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
@@ -269,26 +327,91 @@ class Trainer:
     # ------------------------------------------------------------------ main
     def run(self) -> dict:
         cfg = self.cfg
-        self.run_dir, resume_from = self._run_dir()
-        setup_logging(self.run_dir, self.info.is_main)
-        started = time.time()
-        if self.info.is_main:
-            OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
-        self._write_summary({"status": "running"})
+        self.run_dir, resume_from, fresh, finished = self._run_dir()
         try:
-            summary = self._train(resume_from, started)
-        except BaseException as e:
-            if not isinstance(e, SystemExit) or e.code not in (0, None, 143):
-                status = "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "failed"
-                self._write_summary({"status": status, "error": f"{type(e).__name__}: {e}"})
-                if self.info.is_main and status == "failed":
-                    (self.run_dir / "error.txt").write_text(f"{type(e).__name__}: {e}\n")
-            raise
+            setup_logging(self.run_dir, self.info.is_main)
+            if finished:
+                return self._already_finished()
+            started = time.time()
+            if self.info.is_main:
+                removed = remove_temp_files(self.run_dir)
+                if removed:
+                    log.info("removed %d temp file(s) of interrupted writes: %s", len(removed),
+                             ", ".join(p.name for p in removed))
+                OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
+            try:
+                return self._train(resume_from, started, fresh)
+            except RunStopped:
+                raise  # the run directory already says what happened
+            except (UserError, KeyboardInterrupt) as e:
+                if not self.training_started:  # refused (or stopped) before the first step: nothing to keep
+                    if fresh:
+                        self._discard_run_dir()
+                    raise
+                status = "failed" if isinstance(e, UserError) else "interrupted"
+                self._record_end(status, f"error: {e}" if isinstance(e, UserError) else "KeyboardInterrupt")
+                raise
+            except (OSError, FloatingPointError) as e:
+                line = self._failure_line(e)
+                self._record_end("failed", line)
+                raise RunStopped(line, 1) from None
+            except Exception as e:  # a bug: its traceback is worth more than one line
+                self._record_end("failed", f"{type(e).__name__}: {e}")
+                raise
         finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
             shutdown_distributed()
+
+    def _already_finished(self) -> dict:
+        """`trainer.resume=auto` found this run finished: a requeued job must not train it again."""
+        summary = json.loads((self.run_dir / "summary.json").read_text())
+        if self.info.is_main:
+            log.info("run %s already finished (%s epochs, best top-1 %.2f): nothing to train; run without "
+                     "trainer.resume=auto to train it again in a new directory", self.run_dir,
+                     summary.get("epochs"), float(summary.get("best_top1") or -1))
         return summary
 
-    def _train(self, resume_from: Path | None, started: float) -> dict:
+    def _discard_run_dir(self) -> None:
+        if not self.info.is_main:
+            return
+        logging.getLogger("dyconv").handlers.clear()  # train.log is inside
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.run_dir.parent.rmdir()  # runs/<run_name>/ when this was its only run
+
+    def _failure_line(self, e: BaseException) -> str:
+        """One line for a failed write or a diverged loss that says what is kept and how to go on."""
+        if self.last_checkpoint is not None:
+            epoch, step = self.last_checkpoint
+            kept = f"rerun with trainer.resume=auto: it continues from the last checkpoint (epoch {epoch}, step {step})"
+        else:
+            kept = "rerun with trainer.resume=auto: no checkpoint was written yet, so it starts over"
+        if isinstance(e, FloatingPointError):
+            return f"error: {e}; {kept}"
+        where = Path(str(e.filename)) if e.filename else None
+        if where is not None and where.name.startswith(".") and where.name.endswith(".tmp"):  # an atomic write's
+            where = where.with_name(where.name[1:].rsplit(".", 2)[0])  # temp file: name the file it was for
+        what = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        target = f" writing {where}" if where else ""
+        return f"error: {what}{target}; {'free some space, then ' if e.errno == errno.ENOSPC else ''}{kept}"
+
+    def _record_end(self, status: str, line: str) -> None:
+        """Best effort: summary.json says `status`, error.txt holds the traceback and `line` last. A full disk
+        gets back what the failed write's temp file held first; a write that still fails is left out."""
+        if not self.info.is_main:
+            return
+        import traceback
+
+        remove_temp_files(self.run_dir)
+        with contextlib.suppress(OSError):
+            self._write_summary({**self._summary_now, "status": status, "error": line})
+        if status == "failed":
+            with contextlib.suppress(OSError):
+                write_text_atomic(self.run_dir / "error.txt", traceback.format_exc() + line + "\n")
+
+    def _train(self, resume_from: Path | None, started: float, fresh: bool) -> dict:
         from dyconv_repro.models.build import build_model
 
         cfg = self.cfg
@@ -329,6 +452,9 @@ class Trainer:
         self.logger_wandb = None
         if resume_from is not None:
             batch_skip, accum, rng = self._resume(resume_from)
+            self.last_checkpoint = (self.epoch, self.global_step)
+        if self.info.is_main and not fresh:  # rows a killed run logged after its checkpoint are redone
+            drop_metrics_after(self.run_dir / "metrics.jsonl", self.epoch)
         loggers = [LocalLogger(self.run_dir)] if self.info.is_main else []
         if self.info.is_main and cfg.logger.get("name") == "wandb":
             prev = ckpt.load_checkpoint(resume_from).get("wandb_id") if resume_from else None
@@ -342,6 +468,9 @@ class Trainer:
             ids = [self.info.local_rank] if self.device.type == "cuda" else None
             train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if cfg.trainer.get("compile"):
+            from dyconv_repro.engine.compile_check import check_compile_supported
+
+            check_compile_supported(str(cfg.op.name))
             train_model = torch.compile(train_model)
 
         if self.info.is_main:
@@ -357,15 +486,18 @@ class Trainer:
 
         stop = _Stop().install()
         last_eval: dict = {}
+        self.training_started = True
+        self._write_summary(self._summary("running", complexity, last_eval, started))
+        if self.info.is_main:
+            point_latest(self.run_dir)
+            link_sweep_job(self.run_dir, cfg.get("stage"))
         try:
             while self.epoch < epochs:
                 record = self._train_epoch(train_model, train_loader, criterion, mixup, hooks, stop,
                                            batch_skip, accum, rng)
                 batch_skip, accum, rng = 0, {}, None
-                if record is None:  # stopped by SIGTERM after writing a checkpoint
-                    self._write_summary({"status": "interrupted"})
-                    log.warning("SIGTERM: checkpoint written to %s; exiting", self.run_dir / "checkpoints")
-                    raise SystemExit(143)
+                if record is None:  # stopped by a signal after writing a checkpoint
+                    self._stopped(stop, complexity, last_eval, started)
                 self.epoch += 1
                 if self.scheduler is not None:
                     self.scheduler.step(self.epoch)
@@ -381,6 +513,8 @@ class Trainer:
                              record["train_loss"], record["train_top1"],
                              (f"val top-1 {last_eval['top1']:.2f} top-5 {last_eval['top5']:.2f} "
                               if "val_top1" in record else ""), record["lr"], record["images_per_s"])
+                if stop.requested and self.epoch < epochs:  # signalled during the evaluation: last.pt is current
+                    self._stopped(stop, complexity, last_eval, started)
         finally:
             stop.restore()
 
@@ -398,6 +532,11 @@ class Trainer:
             log.info("done: best top-1 %.2f (epoch %d), final top-1 %.2f; %s", summary["best_top1"],
                      summary["best_epoch"], summary["final_top1"], self.run_dir)
         return summary
+
+    def _stopped(self, stop: _Stop, complexity: dict, last_eval: dict, started: float):
+        self._write_summary(self._summary("interrupted", complexity, last_eval, started))
+        raise RunStopped(f"{stop.name}: checkpoint written to {self.run_dir / 'checkpoints' / 'last.pt'} (epoch "
+                         f"{self.epoch}, step {self.global_step}); resume with trainer.resume=auto", stop.exit_code)
 
     def _train_epoch(self, model, loader, criterion, mixup, hooks, stop: _Stop, batch_skip: int, accum: dict,
                      rng: dict | None) -> dict | None:
@@ -572,8 +711,8 @@ class Trainer:
     def _write_summary(self, summary: dict) -> None:
         if not self.info.is_main or not hasattr(self, "run_dir"):
             return
-        path = self.run_dir / "summary.json"
-        write_json_atomic(path, summary)
+        self._summary_now = summary
+        write_json_atomic(self.run_dir / "summary.json", summary)
 
 
 def _state_checksum(model: nn.Module) -> str:

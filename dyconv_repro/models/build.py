@@ -76,6 +76,12 @@ def build_model_with_report(cfg, verbose: bool = True) -> tuple[nn.Module, list[
     OPS.get(op_name)  # an unknown operator -> UserError listing the valid ones
     policy = load_policy(cfg.get("policy"), op_name)
     reports = swap_convs(model, op_name, policy, op.get("kwargs") or {}, image_size=image_size)
+    if op_name != "conv" and not any(r.replaced for r in reports) and not policy.allow_empty:
+        n_conv = sum(r.role in ("stem", "depthwise", "pointwise", "dense", "head") for r in reports)
+        raise UserError(f"op={op_name} with policy {policy.name} replaces none of the {n_conv} convs of "
+                        f"model {model_cfg.get('name')} (its roles: {', '.join(policy.roles) or 'none'}), so the "
+                        "run would train the static baseline; choose other roles (e.g. policy.roles=[dense]) or "
+                        "set policy.allow_empty=true to accept it")
     if verbose and op_name != "conv":
         n_conv = sum(r.role in ("stem", "depthwise", "pointwise", "dense", "head") for r in reports)
         n_cls = sum(r.replaced and r.role == "classifier" for r in reports)

@@ -21,7 +21,7 @@ from dyconv_repro.models.roles import CONV_ROLES, ROLES, LayerReport
 from dyconv_repro.ops import OPS
 
 KEYS = ("name", "roles", "kernel_sizes", "stages", "min_channels", "block_routing", "copy_weights",
-        "role_kwargs", "exclude")
+        "role_kwargs", "exclude", "allow_empty")
 
 
 @dataclass
@@ -41,6 +41,7 @@ class Policy:
     copy_weights: bool = False
     role_kwargs: dict = field(default_factory=dict)
     exclude: tuple[str, ...] = ()
+    allow_empty: bool = False  # a policy that selects no layer of this model is an error unless this is set
 
     def __post_init__(self):
         roles = [str(r) for r in (self.roles or ())]
@@ -54,6 +55,7 @@ class Policy:
         self.stages = None if self.stages is None else tuple(int(s) for s in self.stages)
         self.min_channels = int(self.min_channels or 0)
         self.block_routing, self.copy_weights = bool(self.block_routing), bool(self.copy_weights)
+        self.allow_empty = bool(self.allow_empty)
         self.role_kwargs = {str(k): dict(v or {}) for k, v in dict(self.role_kwargs or {}).items()}
         bad = [r for r in self.role_kwargs if r not in ROLES]
         if bad:

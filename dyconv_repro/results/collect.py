@@ -4,11 +4,13 @@ A run directory (written by the trainer) holds config.yaml, metrics.jsonl, summa
 failed, error.txt. A run's experiment id is the summary's `experiment` (the Hydra choice of the
 `experiment` group, e.g. "weightnet/t1_w1.0_wn1x"). A folder with an error.txt but no summary (a run
 that died before writing one) is collected as failed too, so that nothing disappears silently.
+Links are followed, so a Hydra sweep dir (whose job folders link to their runs) collects that sweep.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,10 +82,31 @@ def read_run(run_dir: Path) -> RunRecord:
     return RunRecord(run_dir, experiment, status, None if seed is None else int(seed), stage, summary, config, error)
 
 
+def run_dirs(root: Path) -> list[Path]:
+    """Folders under `root` holding a summary.json or error.txt, each run once: symlinks are followed (a
+    sweep's `<job>/run` links, `runs/<name>/latest`), and a run reached both directly and through a link is
+    listed under its direct path."""
+    found: dict[str, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        direct = real == os.path.realpath(root) or not _through_link(Path(dirpath), root)
+        if real in found and not direct:
+            dirnames[:] = []  # already seen (and a link cycle ends here)
+            continue
+        if "summary.json" in filenames or "error.txt" in filenames:
+            if real not in found or direct:
+                found[real] = Path(dirpath)
+    return sorted(found.values())
+
+
+def _through_link(path: Path, root: Path) -> bool:
+    rel = path.relative_to(root)
+    return any((root / Path(*rel.parts[:i + 1])).is_symlink() for i in range(len(rel.parts)))
+
+
 def collect_runs(runs_dir: str | Path) -> list[RunRecord]:
-    """Every run under `runs_dir` (any depth), sorted by path."""
+    """Every run under `runs_dir` (any depth, through links: a sweep dir's jobs link to their runs), sorted by path."""
     root = Path(runs_dir)
     if not root.is_dir():
         return []
-    dirs = {p.parent for p in root.rglob("summary.json")} | {p.parent for p in root.rglob("error.txt")}
-    return [read_run(d) for d in sorted(dirs)]
+    return [read_run(d) for d in run_dirs(root)]
