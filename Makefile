@@ -3,6 +3,9 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# another torch build, e.g. for a CUDA version: make install TORCH_INDEX=<PyTorch wheel index URL>
+TORCH_INDEX ?=
+TORCH_PIP := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
 .PHONY: help install test test-all lint train demo clean
 
@@ -12,7 +15,7 @@ help:  ## list the targets
 install:  ## create .venv and install the package (editable) with the dev extra
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1" || $(BIN)/pip install -q torch torchvision
+	$(BIN)/pip install -q $(TORCH_PIP) "torch==2.14.1" "torchvision==0.29.1" || $(BIN)/pip install -q $(TORCH_PIP) torch torchvision
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/dyconv-native || echo "(optional) native kernels not built: the Python paths are used"
 

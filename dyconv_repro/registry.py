@@ -33,6 +33,11 @@ class Registry:
     def add(self, name: str, obj: Callable[..., Any], help: str = "") -> None:
         self.register(name, help or None)(obj)
 
+    def unregister(self, name: str) -> None:
+        """Remove `name` (tests that register a throwaway entry)."""
+        self._items.pop(name, None)
+        self._help.pop(name, None)
+
     def get(self, name: str) -> Callable[..., Any]:
         try:
             return self._items[name]

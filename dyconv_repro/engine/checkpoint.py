@@ -56,18 +56,31 @@ def _keep_as_previous(path: Path) -> None:
 
 
 def rng_state() -> dict:
+    """This process's generators (Python, NumPy, torch CPU and its current CUDA device: one GPU a process)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> list[str]:
+    """Restore what `rng_state` saved; returns the generators it could not restore (e.g. CUDA on a CPU run)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    skipped = []
+    cuda = state.get("cuda")
+    if cuda is not None:
+        if not torch.cuda.is_available():
+            skipped.append("cuda (no GPU here)")
+        elif isinstance(cuda, list):  # an older checkpoint: every device's state, one per visible GPU
+            if len(cuda) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda)
+            else:
+                skipped.append(f"cuda ({len(cuda)} devices saved, {torch.cuda.device_count()} here)")
+        else:
+            torch.cuda.set_rng_state(cuda)
+    return skipped
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -1,4 +1,11 @@
-"""Process-group setup for torchrun (DDP): NCCL on GPU, gloo on CPU; rank-0 helpers."""
+"""Process-group setup for torchrun or Slurm (DDP): NCCL on GPU, gloo on CPU; rank-0 helpers.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. A Slurm job step (`srun`, and the
+submitit launcher's tasks) sets SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID instead; then the group is formed
+from those, with the master address from MASTER_ADDR or the first host of SLURM_JOB_NODELIST (SLURM_LAUNCH_NODE_IPADDR
+as a fallback) and the port from MASTER_PORT or one derived from the job id, so N tasks are one DDP run, not N
+separate runs.
+"""
 
 from __future__ import annotations
 
@@ -24,8 +31,31 @@ class DistInfo:
         return self.rank == 0
 
 
+def _first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: 'gpu[03-05,07],cpu1' -> 'gpu03'."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[: nodelist.index("]") + 1]
+    if "[" in head:
+        prefix, ranges = head.split("[", 1)
+        first = ranges.rstrip("]").split(",")[0].split("-")[0]
+        return prefix + first
+    return head
+
+
+def slurm_env(environ=None) -> dict[str, str]:
+    """torchrun-style variables from a Slurm task's environment ({} when not a multi-task Slurm step)."""
+    env = os.environ if environ is None else environ
+    if "WORLD_SIZE" in env or int(env.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in env:
+        return {}
+    addr = env.get("MASTER_ADDR") or (_first_host(env["SLURM_JOB_NODELIST"]) if env.get("SLURM_JOB_NODELIST")
+                                      else env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+    port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "MASTER_ADDR": addr, "MASTER_PORT": port}
+
+
 def init_distributed(device_type: str) -> DistInfo:
-    """Initialise the default process group when launched by torchrun (WORLD_SIZE > 1)."""
+    """Initialise the default process group when launched by torchrun or as several Slurm tasks."""
+    os.environ.update(slurm_env())
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()

@@ -197,10 +197,13 @@ def git_commit() -> str | None:
         return None
 
 
-def hardware(device: torch.device) -> str:
+def hardware(device: torch.device, world_size: int = 1) -> str:
+    """One line: the accelerator (or CPU) of this process, and how many processes train together."""
+    procs = f", {world_size} processes" if world_size > 1 else ""
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} x{torch.cuda.device_count()}"
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads ({socket.gethostname()})"
+        return f"{torch.cuda.get_device_name(device)} x{torch.cuda.device_count()} visible{procs}"
+    return (f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads "
+            f"({socket.gethostname()}){procs}")
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -35,6 +35,13 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 
 from dyconv_repro.engine import checkpoint as ckpt
 from dyconv_repro.engine import cpu_heap
+from dyconv_repro.engine.device import (
+    configure_cuda,
+    constant_buffer_names,
+    resolve_device,
+    set_dynamic_conv_path,
+    to_channels_last,
+)
 from dyconv_repro.engine.distributed import (
     DistInfo,
     all_gather_object,
@@ -72,15 +79,6 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"trainer.device={name} but CUDA is not available here; use trainer.device=cpu")
-    return dev
-
-
 def validate_config(cfg: DictConfig) -> None:
     """Fail early, with one line, on values that would otherwise crash deep inside the loop."""
     checks = [("recipe.batch_size", cfg.recipe.batch_size), ("trainer.epochs", cfg.trainer.epochs)]
@@ -101,6 +99,12 @@ def validate_config(cfg: DictConfig) -> None:
     heap = cfg.trainer.get("cpu_heap", "keep")
     if heap not in cpu_heap.MODES:
         raise UserError(f"trainer.cpu_heap must be one of {', '.join(cpu_heap.MODES)}, got {heap!r}")
+    accumulate = cfg.recipe.get("accumulate_steps", 1)
+    if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
+        raise UserError(f"recipe.accumulate_steps must be a positive integer, got {accumulate!r}")
+    if cfg.recipe.batch_size % accumulate:
+        raise UserError(f"recipe.batch_size={cfg.recipe.batch_size} is not divisible by recipe.accumulate_steps="
+                        f"{accumulate} (the batch is split into that many micro-batches)")
     msp = cfg.trainer.get("max_steps_per_epoch")
     if msp is not None and int(msp) <= 0:
         raise UserError(f"trainer.max_steps_per_epoch must be positive or null, got {msp}")
@@ -186,9 +190,11 @@ class Trainer:
         self.cpu_heap = (cpu_heap.configure(cfg.trainer.get("cpu_heap", "keep"))
                          if self.device.type == "cpu" else None)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.trainer.amp or "")
-        if cfg.trainer.get("deterministic", True) and self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = False
-            torch.backends.cudnn.deterministic = True
+        self.cuda_settings = (configure_cuda(bool(cfg.trainer.get("deterministic", False)),
+                                             bool(cfg.trainer.get("cudnn_benchmark", True)),
+                                             bool(cfg.trainer.get("tf32", True)))
+                              if self.device.type == "cuda" else None)
+        self.accumulate = int(cfg.recipe.get("accumulate_steps", 1))
         self.global_step = 0
         self.epoch = 0
         self.steps_per_epoch = 1
@@ -244,8 +250,13 @@ class Trainer:
             raise UserError(f"recipe.batch_size={cfg.recipe.batch_size} is not divisible by the "
                             f"{world} processes")
         per_rank = cfg.recipe.batch_size // world
+        if per_rank % self.accumulate:
+            raise UserError(f"the per-process batch {per_rank} (recipe.batch_size / {world} processes) is not "
+                            f"divisible by recipe.accumulate_steps={self.accumulate}")
+        self.micro_batch = per_rank // self.accumulate
         workers = int(cfg.data.get("num_workers", 0))
         pin = bool(cfg.data.get("pin_memory", False)) and self.device.type == "cuda"
+        prefetch = cfg.data.get("prefetch_factor")
         self.generator = torch.Generator()
         if self.info.enabled:
             self.train_sampler = DistributedSampler(train_set, num_replicas=world, rank=self.info.rank,
@@ -254,7 +265,9 @@ class Trainer:
         else:
             self.train_sampler = RandomSampler(train_set, generator=self.generator)
             val_sampler = SequentialSampler(val_set)
-        common = dict(num_workers=workers, pin_memory=pin, persistent_workers=False)
+        # workers persist across epochs (no re-fork + dataset re-open every epoch)
+        common = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0,
+                      **({"prefetch_factor": int(prefetch)} if workers > 0 and prefetch else {}))
         train_loader = DataLoader(train_set, batch_size=per_rank, sampler=self.train_sampler, drop_last=True,
                                   generator=self.generator, **common)
         val_loader = DataLoader(val_set, batch_size=per_rank, sampler=val_sampler, drop_last=False, **common)
@@ -294,11 +307,18 @@ class Trainer:
             "train_time_s": self.train_time,
             "images_seen": self.images_seen,
             "rng": ckpt.rng_state(),
+            "world_size": self.info.world_size,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "wandb_id": getattr(self.logger_wandb, "run_id", None),
         }
 
+    def _rank_state_path(self, rank: int) -> Path:
+        return self.run_dir / "checkpoints" / f"rank{rank}.pt"
+
     def save_last(self, batch_in_epoch: int = 0, accum: dict | None = None) -> None:
+        if self.info.enabled:  # every process's own RNG and partial sums (last.pt holds rank 0's)
+            ckpt.save_atomic({"rng": ckpt.rng_state(), "accum": accum or {}, "global_step": self.global_step},
+                             self._rank_state_path(self.info.rank))
         if self.info.is_main:
             ckpt.save_atomic(self._state(batch_in_epoch, accum or {}), self.run_dir / "checkpoints" / "last.pt",
                              keep_previous=True)
@@ -322,7 +342,25 @@ class Trainer:
         self.images_seen = int(state.get("images_seen", 0))
         log.info("resumed from %s (epoch %d, batch %d, step %d)", path, self.epoch,
                  state.get("batch_in_epoch", 0), self.global_step)
-        return int(state.get("batch_in_epoch", 0)), state.get("accum") or {}, state.get("rng")
+        batch, accum, rng = int(state.get("batch_in_epoch", 0)), state.get("accum") or {}, state.get("rng")
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.info.world_size:
+            if batch:
+                log.warning("checkpoint written by %d process(es), resuming with %d: the per-process RNG states and "
+                            "partial-epoch sums are not restored; epoch %d continues at global step %d with the new "
+                            "data sharding (a different image order for the rest of the epoch)", saved_world,
+                            self.info.world_size, self.epoch + 1, self.global_step)
+            return batch, {}, None
+        if self.info.enabled and self.info.rank > 0:
+            own = self._rank_state_path(self.info.rank)
+            if own.is_file():
+                mine = ckpt.load_checkpoint(own)
+                if int(mine.get("global_step", -1)) == self.global_step:
+                    return batch, mine.get("accum") or {}, mine.get("rng")
+            log.warning("rank %d: no per-process state for step %d; its RNG is not restored", self.info.rank,
+                        self.global_step)
+            return batch, {}, None
+        return batch, accum, rng
 
     # ------------------------------------------------------------------ main
     def run(self) -> dict:
@@ -430,7 +468,12 @@ class Trainer:
                 h.configure(model)
         model.to(self.device)
         if cfg.trainer.get("channels_last"):
-            model = model.to(memory_format=torch.channels_last)
+            model = to_channels_last(model)
+        conv_path = str(cfg.trainer.get("conv_path", "auto"))
+        if conv_path != "auto":
+            set_dynamic_conv_path(model, conv_path)
+        if self.info.enabled and cfg.trainer.get("sync_bn"):
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.raw_model = model
         self.model = model  # hooks act on the unwrapped model
         complexity = self._complexity(model)
@@ -466,6 +509,9 @@ class Trainer:
         train_model = model
         if self.info.enabled:
             ids = [self.info.local_rank] if self.device.type == "cuda" else None
+            # the ops' constant buffers (frozen bases, structured factors, tau) are equal on every rank: no broadcast
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                model, constant_buffer_names(model))
             train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if cfg.trainer.get("compile"):
             from dyconv_repro.engine.compile_check import check_compile_supported
@@ -478,7 +524,8 @@ class Trainer:
             log.info("model %s + op %s | params %.3fM | MAdds %s | %d steps/epoch x %d epochs | lr %.4g | %s",
                      cfg.model.name, cfg.op.name, complexity["params"] / 1e6,
                      f"{complexity['madds'] / 1e6:.1f}M" if complexity.get("madds") else "n/a",
-                     self.steps_per_epoch, epochs, effective_lr(cfg.recipe), hardware(self.device))
+                     self.steps_per_epoch, epochs, effective_lr(cfg.recipe),
+                     hardware(self.device, self.info.world_size))
             if self.cpu_heap:
                 log.info("CPU heap: %s", self.cpu_heap)
         for h in hooks:
@@ -549,7 +596,10 @@ class Trainer:
         model.train()
         for h in hooks:
             h.on_step_start(self)  # e.g. frozen-BN eval mode before the first batch
-        totals = {"loss": 0.0, "correct": 0.0, "n": 0.0, **accum}
+        # running sums stay on the device (no host sync per step); read every log_every steps and at the end
+        totals = {k: torch.tensor(float(accum.get(k, 0.0)), dtype=torch.float64, device=self.device)
+                  for k in ("loss", "correct", "n")}
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         n_steps = self.steps_per_epoch
         ckpt_every = int(cfg.trainer.get("checkpoint_every_steps") or 0)
         show = bool(cfg.trainer.get("progress", True)) and self.info.is_main
@@ -563,7 +613,9 @@ class Trainer:
         for _ in range(batch_skip):  # replay the data order up to the checkpoint, then restore its RNG
             next(it)
         if rng is not None and batch_skip > 0:  # at an epoch boundary the epoch seed already decides
-            ckpt.set_rng_state(rng)
+            skipped = ckpt.set_rng_state(rng)
+            if skipped:
+                log.warning("resume: RNG not restored for %s", ", ".join(skipped))
         log_every = max(int(cfg.trainer.get("log_every", 20)), 1)
         t_epoch = time.time()
         images_epoch = 0
@@ -581,18 +633,29 @@ class Trainer:
                 images, targets = mixup(images, targets)
             if cfg.trainer.get("channels_last"):
                 images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                logits = model(images)
-                loss = criterion(logits, targets)
-                extra = {}
-                for h in hooks:
-                    extra.update(h.extra_losses(self))
-                total = loss + sum(extra.values()) if extra else loss
-            if not torch.isfinite(total):
-                raise FloatingPointError(f"loss is {total.item()} at step {self.global_step}; "
-                                         "lower recipe.lr or enable recipe.grad_clip")
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(total).backward()
+            micro = list(zip(images.split(self.micro_batch), targets.split(self.micro_batch),
+                             hard_targets.split(self.micro_batch)))
+            for j, (mi, mt, mh) in enumerate(micro):
+                last = j == len(micro) - 1
+                # DDP: all-reduce the gradients once, after the last micro-batch
+                sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+                with sync:
+                    with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                        logits = model(mi)
+                        loss = criterion(logits, mt)
+                        extra = {}
+                        for h in hooks:
+                            extra.update(h.extra_losses(self))
+                        total = loss + sum(extra.values()) if extra else loss
+                    nonfinite |= ~torch.isfinite(total.detach())
+                    self.scaler.scale(total / len(micro)).backward()
+                with torch.no_grad():
+                    totals["loss"] += loss.detach().double() * mh.numel()
+                    totals["correct"] += (logits.argmax(1) == mh).sum()
+                    totals["n"] += mh.numel()
+            if (i + 1) % log_every == 0 or i + 1 == n_steps:
+                self._check_finite(nonfinite)
             if cfg.recipe.get("grad_clip"):
                 self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(self.raw_model.parameters(), float(cfg.recipe.grad_clip))
@@ -603,16 +666,12 @@ class Trainer:
                 self.scheduler.step_update(self.global_step)
             if self.ema is not None:
                 self.ema.update(self.raw_model, step=self.global_step)
-            with torch.no_grad():
-                totals["loss"] += loss.item() * hard_targets.numel()
-                totals["correct"] += (logits.argmax(1) == hard_targets).sum().item()
-                totals["n"] += hard_targets.numel()
             images_epoch += hard_targets.numel()
             if bar is not None:
                 bar.update(1)
                 if (i + 1) % log_every == 0 or i + 1 == n_steps:
                     elapsed = max(time.time() - t_epoch, 1e-9)
-                    bar.set_postfix(loss=f"{totals['loss'] / max(totals['n'], 1):.3f}",
+                    bar.set_postfix(loss=f"{(totals['loss'] / totals['n'].clamp_min(1)).item():.3f}",
                                     lr=f"{self.optimizer.param_groups[0]['lr']:.3g}",
                                     img_s=f"{images_epoch * self.info.world_size / elapsed:.0f}")
             done = i + 1
@@ -620,7 +679,8 @@ class Trainer:
                 self.train_time += time.time() - t_epoch
                 self.images_seen += images_epoch * self.info.world_size
                 t_epoch, images_epoch = time.time(), 0
-                self.save_last(batch_in_epoch=done, accum={k: totals[k] for k in ("loss", "correct", "n")})
+                self._check_finite(nonfinite)
+                self.save_last(batch_in_epoch=done, accum={k: v.item() for k, v in totals.items()})
                 if stop.requested:
                     if bar is not None:
                         bar.close()
@@ -630,14 +690,20 @@ class Trainer:
         elapsed = time.time() - t_epoch
         self.train_time += elapsed
         self.images_seen += images_epoch * self.info.world_size
-        t = reduce_sum(torch.tensor([totals["loss"], totals["correct"], totals["n"]], dtype=torch.float64,
-                                    device=self.device), self.info)
+        self._check_finite(nonfinite)
+        t = reduce_sum(torch.stack([totals["loss"], totals["correct"].double(), totals["n"]]), self.info)
         record = {"train_loss": t[0].item() / max(t[2].item(), 1), "train_top1": 100 * t[1].item() / max(t[2].item(), 1),
                   "lr": self.optimizer.param_groups[0]["lr"],
                   "images_per_s": images_epoch * self.info.world_size / max(elapsed, 1e-9)}
         for h in hooks:
             record.update(h.epoch_metrics(self))
         return record
+
+    def _check_finite(self, nonfinite: torch.Tensor) -> None:
+        """Raise if any loss since the last check was NaN/inf (one host sync, every log_every steps)."""
+        if bool(nonfinite):
+            raise FloatingPointError(f"the loss became non-finite before step {self.global_step}; "
+                                     "lower recipe.lr or enable recipe.grad_clip")
 
     def _evaluate(self, val_loader) -> dict:
         kw = dict(info=self.info, amp_dtype=self.amp_dtype, channels_last=bool(self.cfg.trainer.get("channels_last")),
@@ -702,7 +768,9 @@ class Trainer:
             "images_per_s": self.images_seen / self.train_time if self.train_time > 0 else None,
             "device": str(self.device),
             "world_size": self.info.world_size,
-            "hardware": hardware(self.device),
+            "hardware": hardware(self.device, self.info.world_size),
+            "cuda_settings": self.cuda_settings,
+            "accumulate_steps": self.accumulate,
             "cpu_heap": self.cpu_heap,
             "torch": torch.__version__,
             "git_commit": git_commit(),

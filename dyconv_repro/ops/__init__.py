@@ -21,11 +21,12 @@ from dyconv_repro.ops.base import ConvOp, resolve_padding
 from dyconv_repro.ops.registry import OPS
 
 BACKEND_PACKAGES = ("cpu",)
+OLD_IMPORT_PATHS = ("shared", "native")  # aliases for old callers; importing them would load the CPU backend
 
 
 def _import_operator_modules() -> None:
     for info in pkgutil.iter_modules(__path__):
-        if not info.name.startswith("_") and info.name not in BACKEND_PACKAGES:
+        if not info.name.startswith("_") and info.name not in BACKEND_PACKAGES + OLD_IMPORT_PATHS:
             importlib.import_module(f"{__name__}.{info.name}")
 
 

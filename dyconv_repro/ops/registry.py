@@ -18,10 +18,5 @@ class OpRegistry(Registry):
 
         return deco
 
-    def unregister(self, name: str) -> None:
-        """Remove `name` (tests that register a throwaway operator)."""
-        self._items.pop(name, None)
-        self._help.pop(name, None)
-
 
 OPS = OpRegistry("operator")

@@ -182,7 +182,11 @@ def dynamic_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, paddi
                              "on a device whose backend streams (CPU)")
         raise ValueError(f"dynamic conv path {path!r} is not available for a {x.device.type} input here; valid: "
                          f"{', '.join(available_paths(x))}")
-    return fn(x, weight, bias, stride, padding, dilation, groups)
+    y = fn(x, weight, bias, stride, padding, dilation, groups)
+    if is_channels_last(x) and not y.is_contiguous(memory_format=torch.channels_last):
+        # the fold reshapes x into one (1, B*C, H, W) image, which is NCHW: hand the next layer what it was given
+        y = y.contiguous(memory_format=torch.channels_last)
+    return y
 
 
 def routing_input(op, x: Tensor) -> Tensor:
