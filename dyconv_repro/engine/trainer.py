@@ -599,7 +599,8 @@ class Trainer:
         # running sums stay on the device (no host sync per step); read every log_every steps and at the end
         totals = {k: torch.tensor(float(accum.get(k, 0.0)), dtype=torch.float64, device=self.device)
                   for k in ("loss", "correct", "n")}
-        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        # the first non-finite loss (step, value), recorded on the device and checked every log_every steps
+        nonfinite = torch.tensor([-1.0, 0.0], dtype=torch.float64, device=self.device)
         n_steps = self.steps_per_epoch
         ckpt_every = int(cfg.trainer.get("checkpoint_every_steps") or 0)
         show = bool(cfg.trainer.get("progress", True)) and self.info.is_main
@@ -648,7 +649,11 @@ class Trainer:
                         for h in hooks:
                             extra.update(h.extra_losses(self))
                         total = loss + sum(extra.values()) if extra else loss
-                    nonfinite |= ~torch.isfinite(total.detach())
+                    bad = ~torch.isfinite(total.detach()) & (nonfinite[0] < 0)
+                    nonfinite.copy_(torch.where(bad, torch.stack([torch.tensor(float(self.global_step),
+                                                                               dtype=torch.float64,
+                                                                               device=self.device),
+                                                                  total.detach().double()]), nonfinite))
                     self.scaler.scale(total / len(micro)).backward()
                 with torch.no_grad():
                     totals["loss"] += loss.detach().double() * mh.numel()
@@ -700,10 +705,11 @@ class Trainer:
         return record
 
     def _check_finite(self, nonfinite: torch.Tensor) -> None:
-        """Raise if any loss since the last check was NaN/inf (one host sync, every log_every steps)."""
-        if bool(nonfinite):
-            raise FloatingPointError(f"the loss became non-finite before step {self.global_step}; "
-                                     "lower recipe.lr or enable recipe.grad_clip")
+        """Raise if any loss since the last check was NaN/inf (one host sync, every log_every steps; the optimizer
+        steps in between are not written to a checkpoint: the check runs before every save)."""
+        step, value = nonfinite.tolist()
+        if step >= 0:
+            raise FloatingPointError(f"loss is {value} at step {int(step)}; lower recipe.lr or enable recipe.grad_clip")
 
     def _evaluate(self, val_loader) -> dict:
         kw = dict(info=self.info, amp_dtype=self.amp_dtype, channels_last=bool(self.cfg.trainer.get("channels_last")),
