@@ -25,12 +25,12 @@ import hashlib
 import importlib.util
 import os
 import sys
-import threading
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from dyconv_repro.ops.engine.dispatch import ThreadFlag
 
 NAME = "dyconv_native"
 CSRC = Path(__file__).with_name("csrc")
@@ -80,23 +80,17 @@ def get():
     return _module
 
 
-_SUSPENDED = threading.local()
+_SUSPENDED = ThreadFlag()
 
 
-@contextmanager
 def suspended():
     """Within the block the ops run their aten paths only: the references the native kernels are tested
     against (`DynamicConvOp.reference_forward` also disables every backend) never share code with what they check."""
-    depth = getattr(_SUSPENDED, "depth", 0)
-    _SUSPENDED.depth = depth + 1
-    try:
-        yield
-    finally:
-        _SUSPENDED.depth = depth
+    return _SUSPENDED.raised()
 
 
 def is_suspended() -> bool:
-    return getattr(_SUSPENDED, "depth", 0) > 0
+    return bool(_SUSPENDED)
 
 
 def status() -> str:

@@ -60,8 +60,27 @@ class Backend:
         return "on"
 
 
+class ThreadFlag:
+    """A per-thread, nestable switch: true inside any `with flag.raised():` block of the current thread."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    @contextmanager
+    def raised(self):
+        depth = getattr(self._local, "depth", 0)
+        self._local.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._local.depth = depth
+
+    def __bool__(self) -> bool:
+        return getattr(self._local, "depth", 0) > 0
+
+
 _BACKENDS: dict[str, Backend] = {}
-_STATE = threading.local()
+_DISABLED = ThreadFlag()
 
 
 def register_backend(backend: Backend) -> None:
@@ -79,15 +98,9 @@ def backend_status(device_type: str) -> str:
     return "off (no backend)" if backend is None else backend.status()
 
 
-@contextmanager
 def backends_disabled():
     """Within the block every op runs the default rules only (the references; tests of the bare library)."""
-    depth = getattr(_STATE, "off", 0)
-    _STATE.off = depth + 1
-    try:
-        yield
-    finally:
-        _STATE.off = depth
+    return _DISABLED.raised()
 
 
 def exporting() -> bool:
@@ -98,14 +111,14 @@ def exporting() -> bool:
 def backend_for(x: Tensor) -> Backend | None:
     """The backend for x's device type, or None (none registered, disabled, or exporting)."""
     backend = _BACKENDS.get(x.device.type)
-    if backend is None or getattr(_STATE, "off", 0) or exporting():
+    if backend is None or _DISABLED or exporting():
         return None
     return backend
 
 
 def _backend_for_type(device_type: str) -> Backend | None:
     backend = _BACKENDS.get(device_type)
-    if backend is None or getattr(_STATE, "off", 0) or exporting():
+    if backend is None or _DISABLED or exporting():
         return None
     return backend
 
