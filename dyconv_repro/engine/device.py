@@ -78,8 +78,8 @@ def resolve_device(name: str) -> torch.device:
 
 def set_dynamic_conv_path(model: nn.Module, path: str) -> int:
     """Force every dynamic op's per-sample conv path (`trainer.conv_path`; auto = the dispatch point decides)."""
-    valid = [p for p in available_paths() if p != "auto"] + ["auto"]
-    if path not in valid and path not in ("depthwise",):
+    valid = [*available_paths(), "depthwise"]  # depthwise: the CPU backend's native path
+    if path not in valid:
         raise UserError(f"trainer.conv_path must be one of {', '.join(valid)}, got {path!r}")
     ops = [m for m in model.modules() if isinstance(m, DynamicConvOp)]
     for m in ops:

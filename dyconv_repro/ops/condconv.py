@@ -35,7 +35,7 @@ def _check_experts(num_experts) -> int:
     return int(num_experts)
 
 
-def _activate(logits: Tensor, routing: str) -> Tensor:
+def activate_routing(logits: Tensor, routing: str) -> Tensor:
     """Routing weights from (..., K) logits."""
     return torch.sigmoid(logits) if routing == "sigmoid" else torch.softmax(logits, dim=-1)
 
@@ -67,7 +67,7 @@ class CondLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def routing_weights(self, x: Tensor) -> Tensor:
-        return _activate(self.router(x), self.routing)
+        return activate_routing(self.router(x), self.routing)
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
@@ -116,7 +116,7 @@ class CondConv2d(DynamicConvOp):
         """(B, K) expert weights; in block mode the block's shared router already computed them."""
         if self.block_routed:
             return self.block_input()
-        return _activate(self.router(gap(x)), self.routing)
+        return activate_routing(self.router(gap(x)), self.routing)
 
     def kernel(self, x: Tensor):
         r = self.routing_weights(x)

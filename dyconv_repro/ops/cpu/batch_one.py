@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dyconv_repro.ops.condconv import CondConv2d
+from dyconv_repro.ops.condconv import CondConv2d, activate_routing
 from dyconv_repro.ops.cpu.kernels import loaded, no_dispatch_mode
 from dyconv_repro.ops.cpu.scratch import scratch
 from dyconv_repro.ops.cpu.stream import make_kernels
@@ -203,10 +203,6 @@ def one_state(op) -> float | None:
     return inverse_temperature(op) if type(op) is DynamicConv2d else None
 
 
-def _activate(logits: Tensor, routing: str) -> Tensor:
-    return torch.sigmoid(logits) if routing == "sigmoid" else torch.softmax(logits, dim=-1)
-
-
 def condconv_one(op: CondConv2d, x: Tensor):
     """The router as one addmv on the spatial sum (1/HW as its alpha), one mv mix; under block routing the
     block's routing weights, mixed the same way."""
@@ -224,7 +220,7 @@ def condconv_one(op: CondConv2d, x: Tensor):
     if one is not None:
         return one
     pooled, inv_hw = spatial_sum_one(x)
-    return bank_kernel_one(op, _activate(affine_vec(pooled, router, alpha=inv_hw), op.routing))
+    return bank_kernel_one(op, activate_routing(affine_vec(pooled, router, alpha=inv_hw), op.routing))
 
 
 def dynamicconv_one(op: DynamicConv2d, x: Tensor):

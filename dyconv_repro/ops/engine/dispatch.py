@@ -110,10 +110,7 @@ def exporting() -> bool:
 
 def backend_for(x: Tensor) -> Backend | None:
     """The backend for x's device type, or None (none registered, disabled, or exporting)."""
-    backend = _BACKENDS.get(x.device.type)
-    if backend is None or _DISABLED or exporting():
-        return None
-    return backend
+    return _backend_for_type(x.device.type)
 
 
 def _backend_for_type(device_type: str) -> Backend | None:
