@@ -56,7 +56,7 @@ MECHANICS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dyconv_repro.engine.trainer import train
+    from dyconv_repro.pipeline import train_run as train
     from dyconv_repro.ops import OPS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

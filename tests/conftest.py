@@ -15,14 +15,10 @@ torch.set_num_threads(1)  # the suite runs under xdist on 2 cores
 
 
 def compose(overrides: list[str] | None = None):
-    """The composed train config, as `dyconv-train <overrides>` would see it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    """The composed, validated train config, as `dyconv-train <overrides>` would see it."""
+    from dyconv_repro.config import compose as compose_config
 
-    from dyconv_repro.config_dir import config_dir
-
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return hydra_compose("train", overrides=list(overrides or []))
+    return compose_config(list(overrides or []))
 
 
 @pytest.fixture

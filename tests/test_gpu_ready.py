@@ -16,7 +16,7 @@ from torch import nn
 
 from dyconv_repro.engine.device import configure_cuda, constant_buffer_names, to_channels_last
 from dyconv_repro.engine.distributed import slurm_env
-from dyconv_repro.engine.trainer import train
+from dyconv_repro.pipeline import train_run as train
 from dyconv_repro.models.registry import BACKBONES
 from dyconv_repro.ops import OPS, build_op
 from dyconv_repro.ops.engine import DynamicConvOp
@@ -148,7 +148,7 @@ def test_two_fake_slurm_tasks_form_one_ddp_group():
 
 
 def test_resume_with_another_world_size_continues_and_says_what_it_lost(make_cfg, monkeypatch, capsys):
-    import dyconv_repro.engine.trainer as trainer_mod
+    import dyconv_repro.pipeline.train as trainer_mod
     from tests.test_train import _KillAt
 
     args = ["trainer.epochs=1", "trainer.max_steps_per_epoch=4", "recipe.batch_size=16",

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dyconv_repro.engine.hooks import annealed_temperature
-from dyconv_repro.engine.trainer import train
+from dyconv_repro.pipeline import train_run as train
 from dyconv_repro.ops import OPS
 
 from .conftest import compose
@@ -76,7 +76,7 @@ def test_structural_regularization_then_decomposition(make_cfg):
 @pytest.mark.skipif("refconv" not in OPS, reason="refconv not built")
 def test_refconv_pipeline_baseline_refocus_deploy(tmp_path):
     from dyconv_repro.engine.checkpoint import load_model_state_strict
-    from dyconv_repro.engine.pipeline import run_pipeline
+    from dyconv_repro.pipeline import run_pipeline
     from dyconv_repro.models.build import build_model
     from dyconv_repro.models.deploy import baseline_config
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dyconv_repro.analysis.complexity import count_madds
-from dyconv_repro.engine.trainer import train
+from dyconv_repro.pipeline import train_run as train
 from dyconv_repro.models.build import build_model_with_report
 from dyconv_repro.ops import OPS
 from dyconv_repro.ops.engine import DynamicConvOp, gap

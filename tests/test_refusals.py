@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dyconv_repro.engine.trainer import train
+from dyconv_repro.pipeline import train_run as train
 from dyconv_repro.errors import UserError
 
 from .conftest import run_cli

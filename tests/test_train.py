@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dyconv_repro.engine.trainer import train
+from dyconv_repro.engine.hooks import Hook
+from dyconv_repro.pipeline import train_run as train
 from dyconv_repro.errors import UserError
 
 from .conftest import run_cli
@@ -46,14 +47,11 @@ def test_default_run_writes_run_directory(make_cfg):
     assert saved["cpu_heap"].startswith("keep"), saved["cpu_heap"]  # trainer.cpu_heap's default on CPU
 
 
-class _KillAt:
+class _KillAt(Hook):
     """A hook that simulates a kill (KeyboardInterrupt) when the global step reaches `step`."""
 
     def __init__(self, step):
         self.step = step
-
-    def on_train_start(self, trainer):
-        pass
 
     def on_step_start(self, trainer):
         if trainer.global_step == self.step:
@@ -71,7 +69,7 @@ class _KillAt:
 
 def run_killed_then_resumed(make_cfg, monkeypatch, args, kill_step, run_name="killed"):
     """Train until `kill_step`, 'kill' the run, then `trainer.resume=auto`; returns (ckpt state, summary)."""
-    import dyconv_repro.engine.trainer as trainer_mod
+    import dyconv_repro.pipeline.train as trainer_mod
 
     real = trainer_mod.build_hooks
     monkeypatch.setattr(trainer_mod, "build_hooks", lambda recipe: real(recipe) + [_KillAt(kill_step)])
@@ -101,8 +99,8 @@ def test_killed_run_resumes_exactly(make_cfg, monkeypatch, every, kill_step, exp
 
 
 @pytest.mark.parametrize("override, fragment", [
-    ("recipe.batch_size=0", "recipe.batch_size must be a positive integer"),
-    ("trainer.epochs=-1", "trainer.epochs must be a positive integer"),
+    ("recipe.batch_size=0", "recipe.batch_size must be > 0, got 0"),
+    ("trainer.epochs=-1", "trainer.epochs must be > 0, got -1"),
     ("model.name=resnet21", "Valid backbones"),
     ("data=cifar10", "data.download=true"),
     ("trainer.cpu_heap=tcmalloc", "trainer.cpu_heap must be one of keep, default"),

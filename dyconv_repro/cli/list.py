@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from dyconv_repro.config_dir import config_dir
+from dyconv_repro.models.policy import paper_policy_name
 
 
 def _group_files(group: str) -> list[Path]:
@@ -31,12 +32,8 @@ def _ops() -> list[str]:
 
 
 def _description(cls) -> str:
-    """What the class declares: its default placement, restrictions and optional capabilities."""
-    placement = getattr(cls, "placement", None)
-    where = (f"policy/{placement}" if isinstance(placement, str) else
-             "inline " + ", ".join(f"{k}={v}" for k, v in dict(placement).items()) if placement is not None
-             else f"policy/{getattr(cls, 'op_name', '?')}")
-    parts = [f"placement: {where}"]
+    """Its paper placement (the policy its config selects), restrictions and optional capabilities."""
+    parts = [f"placement: policy/{paper_policy_name(getattr(cls, 'op_name', '?'))}"]
     if getattr(cls, "depthwise_only", False):
         parts.append("depthwise convs only")
     caps = cls.capabilities() if hasattr(cls, "capabilities") else []

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, open_dict
 
 from dyconv_repro.config_dir import config_dir
 from dyconv_repro.errors import RunStopped, UserError
+from dyconv_repro.pipeline import run_pipeline
 
 log = logging.getLogger("dyconv")
 
@@ -46,10 +47,8 @@ def _is_multirun() -> bool:
 
 def run(cfg: DictConfig) -> dict:
     """Train (one stage or a pipeline of stages) from a composed config."""
-    from dyconv_repro.engine.pipeline import run_pipeline
-
     with open_dict(cfg):
-        if cfg.get("experiment_id") is None:
+        if cfg.get("experiment_id") is None:  # (validated after this)
             cfg.experiment_id = _experiment_id()
     return run_pipeline(cfg)
 

@@ -53,6 +53,11 @@ def slurm_env(environ=None) -> dict[str, str]:
             "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "MASTER_ADDR": addr, "MASTER_PORT": port}
 
 
+def launch_rank() -> int:
+    """This process's rank as the launcher set it (torchrun or a Slurm task), before any process group exists."""
+    return int({**os.environ, **slurm_env()}.get("RANK", "0"))
+
+
 def init_distributed(device_type: str) -> DistInfo:
     """Initialise the default process group when launched by torchrun or as several Slurm tasks."""
     os.environ.update(slurm_env())

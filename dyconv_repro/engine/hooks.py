@@ -17,7 +17,13 @@ from dyconv_repro.errors import UserError
 
 
 class Hook:
-    """Trainer callbacks; every method is optional."""
+    """Trainer callbacks; every method is optional. `deploy_after_training`: the pipeline deploys the trained
+    model into the run directory (deployed.pt + deploy.json) when the run finishes."""
+
+    deploy_after_training = False
+
+    def configure_model(self, model: nn.Module) -> None:
+        """Called once with the built model, before the optimizer is built (e.g. to freeze parameters)."""
 
     def on_train_start(self, trainer) -> None: ...
 
@@ -116,13 +122,16 @@ class StructuralRegularization(Hook):
 
 
 class Refocus(Hook):
-    """RefConv refocus stage: the bases stay frozen; optionally freeze BN / classifier / everything else."""
+    """RefConv refocus stage: the bases stay frozen; optionally freeze BN / classifier / everything else. Its
+    deliverable is the re-parameterized plain model, so the pipeline deploys it after training."""
+
+    deploy_after_training = True
 
     def __init__(self, freeze_bn: bool = False, freeze_classifier: bool = False, freeze_others: bool = False,
                  **_ignored):
         self.freeze_bn, self.freeze_classifier, self.freeze_others = freeze_bn, freeze_classifier, freeze_others
 
-    def configure(self, model: nn.Module) -> None:
+    def configure_model(self, model: nn.Module) -> None:
         """Set requires_grad before the optimizer is built."""
         from dyconv_repro.ops.walkers import refconv_layers
 
@@ -157,16 +166,15 @@ def _classifier(model: nn.Module) -> nn.Module | None:
 
 
 def build_hooks(recipe) -> list[Hook]:
+    """The paper mechanics a (validated) recipe switches on; null = off."""
     hooks: list[Hook] = []
-    if recipe.get("temperature"):
+    if recipe.temperature:
         t = recipe.temperature
-        hooks.append(TemperatureAnnealing(t.get("init", 30.0), t.get("final", 1.0), t.get("epochs", 10),
-                                          t.get("per", "step")))
-    if recipe.get("structural_reg"):
+        hooks.append(TemperatureAnnealing(t.init, t.final, t.epochs, t.per))
+    if recipe.structural_reg:
         s = recipe.structural_reg
-        hooks.append(StructuralRegularization(s.get("lam", 0.1), s.get("warmup_epochs", 0.0),
-                                              s.get("exclude_from_wd", True)))
-    if recipe.get("refocus"):
+        hooks.append(StructuralRegularization(s.lam, s.warmup_epochs, s.exclude_from_wd))
+    if recipe.refocus:
         r = recipe.refocus
-        hooks.append(Refocus(**{k: r[k] for k in ("freeze_bn", "freeze_classifier", "freeze_others") if k in r}))
+        hooks.append(Refocus(r.freeze_bn, r.freeze_classifier, r.freeze_others))
     return hooks

@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
+from dyconv_repro.config import validate
 from dyconv_repro.engine import checkpoint as ckpt
 from dyconv_repro.engine import cpu_heap
 from dyconv_repro.engine.device import (
@@ -51,7 +52,7 @@ from dyconv_repro.engine.distributed import (
     shutdown_distributed,
 )
 from dyconv_repro.engine.evaluate import evaluate
-from dyconv_repro.engine.hooks import Refocus, build_hooks
+from dyconv_repro.engine.hooks import Hook
 from dyconv_repro.engine.loggers import LocalLogger, MultiLogger, WandbLogger
 from dyconv_repro.engine.optim import build_optimizer, build_scheduler, effective_lr
 from dyconv_repro.engine.rundir import (
@@ -77,56 +78,6 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-def validate_config(cfg: DictConfig) -> None:
-    """Fail early, with one line, on values that would otherwise crash deep inside the loop."""
-    checks = [("recipe.batch_size", cfg.recipe.batch_size), ("trainer.epochs", cfg.trainer.epochs)]
-    for key, value in checks:
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise UserError(f"{key} must be a positive integer, got {value!r}")
-    if float(cfg.recipe.lr) <= 0:
-        raise UserError(f"recipe.lr must be positive, got {cfg.recipe.lr}")
-    if cfg.trainer.amp not in (False, None, "bf16", "fp16"):
-        raise UserError(f"trainer.amp must be false, bf16 or fp16, got {cfg.trainer.amp!r}")
-    if cfg.recipe.get("refocus"):
-        random_basis = "random" in (cfg.op.get("kwargs", {}).get("basis"), cfg.recipe.refocus.get("basis"))
-        if not (cfg.model.get("init_from") or cfg.model.get("pretrained") or random_basis):
-            raise UserError("recipe.refocus needs a trained baseline to refocus: set model.init_from=<checkpoint> "
-                            "or model.pretrained=true (or op.kwargs.basis=random for the random-basis ablation)")
-        if cfg.op.name != "refconv":
-            raise UserError(f"recipe.refocus needs op=refconv, got op={cfg.op.name}")
-    heap = cfg.trainer.get("cpu_heap", "keep")
-    if heap not in cpu_heap.MODES:
-        raise UserError(f"trainer.cpu_heap must be one of {', '.join(cpu_heap.MODES)}, got {heap!r}")
-    accumulate = cfg.recipe.get("accumulate_steps", 1)
-    if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
-        raise UserError(f"recipe.accumulate_steps must be a positive integer, got {accumulate!r}")
-    if cfg.recipe.batch_size % accumulate:
-        raise UserError(f"recipe.batch_size={cfg.recipe.batch_size} is not divisible by recipe.accumulate_steps="
-                        f"{accumulate} (the batch is split into that many micro-batches)")
-    msp = cfg.trainer.get("max_steps_per_epoch")
-    if msp is not None and int(msp) <= 0:
-        raise UserError(f"trainer.max_steps_per_epoch must be positive or null, got {msp}")
-    width = cfg.model.get("width_mult")
-    if width is not None and (isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0):
-        raise UserError(f"model.width_mult must be a positive number, got {width!r}")
-    check_trainer_keys(cfg.trainer)
-
-
-def check_trainer_keys(trainer_cfg) -> None:
-    """The trainer group has one schema (configs/trainer/): a key added with `+trainer.<key>=` that no
-    trainer file declares would be ignored silently (e.g. +trainer.epoch=3 next to trainer.epochs)."""
-    import difflib
-
-    from dyconv_repro.config_dir import config_dir
-
-    known = {k for f in (Path(config_dir()) / "trainer").glob("*.yaml") for k in (OmegaConf.load(f) or {})}
-    unknown = sorted(set(trainer_cfg) - known)
-    if unknown:
-        hints = [f"trainer.{k}" + (f" (did you mean trainer.{m[0]}?)" if (m := difflib.get_close_matches(k, known, 1))
-                                   else "") for k in unknown]
-        raise UserError(f"unknown trainer key(s): {', '.join(hints)}; valid keys: {', '.join(sorted(known))}")
 
 
 def setup_logging(run_dir: Path | None, is_main: bool) -> None:
@@ -179,22 +130,26 @@ class _Stop:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig):
-        validate_config(cfg)
-        self.cfg = cfg
+    """Trains a built model under a validated config (pipeline/train.py builds both); `hooks` are the paper
+    mechanics (engine/hooks.py), `record` what the run's summary.json reports about the model (replaced layers,
+    params / MAdds)."""
+
+    def __init__(self, cfg: DictConfig, model: nn.Module, hooks: list[Hook] | tuple = (), record: dict | None = None):
+        self.cfg = cfg = validate(cfg)
+        self.built_model, self.hooks, self.record = model, list(hooks), dict(record or {})
         self.device = resolve_device(str(cfg.trainer.device))
         self.info: DistInfo = init_distributed(self.device.type)
         if self.device.type == "cuda" and self.info.enabled:
             self.device = torch.device("cuda", self.info.local_rank)
         # process-wide, so set here (never on import): see engine/cpu_heap.py for why and what it costs
-        self.cpu_heap = (cpu_heap.configure(cfg.trainer.get("cpu_heap", "keep"))
+        self.cpu_heap = (cpu_heap.configure(cfg.trainer.cpu_heap)
                          if self.device.type == "cpu" else None)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.trainer.amp or "")
-        self.cuda_settings = (configure_cuda(bool(cfg.trainer.get("deterministic", False)),
-                                             bool(cfg.trainer.get("cudnn_benchmark", True)),
-                                             bool(cfg.trainer.get("tf32", True)))
+        self.cuda_settings = (configure_cuda(bool(cfg.trainer.deterministic),
+                                             bool(cfg.trainer.cudnn_benchmark),
+                                             bool(cfg.trainer.tf32))
                               if self.device.type == "cuda" else None)
-        self.accumulate = int(cfg.recipe.get("accumulate_steps", 1))
+        self.accumulate = int(cfg.recipe.accumulate_steps)
         self.global_step = 0
         self.epoch = 0
         self.steps_per_epoch = 1
@@ -209,13 +164,13 @@ class Trainer:
         """(run directory, checkpoint to resume from or None, whether the directory is new, whether that run
         has already finished); decided on rank 0, which also takes the directory's lock."""
         cfg = self.cfg
-        resume = cfg.trainer.get("resume")
+        resume = cfg.trainer.resume
         decision = None
         if self.info.is_main:
             base = Path(cfg.output_dir) / str(cfg.run_name)
             resume_from, run_dir, fresh, finished = None, None, True, False
             if resume == "auto":
-                if cfg.get("run_id"):
+                if cfg.run_id:
                     cand = base / str(cfg.run_id)
                     run_dir = cand if (cand / "config.yaml").is_file() else None
                 else:
@@ -231,7 +186,7 @@ class Trainer:
                     raise UserError(f"trainer.resume={resume}: no such checkpoint")
                 run_dir, fresh = resume_from.parent.parent, False
             if run_dir is None:
-                run_dir = claim_new_run_dir(base, str(cfg.run_id) if cfg.get("run_id") else None)
+                run_dir = claim_new_run_dir(base, str(cfg.run_id) if cfg.run_id else None)
             if not finished:
                 self._lock_fd = lock_run_dir(run_dir)
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -254,9 +209,9 @@ class Trainer:
             raise UserError(f"the per-process batch {per_rank} (recipe.batch_size / {world} processes) is not "
                             f"divisible by recipe.accumulate_steps={self.accumulate}")
         self.micro_batch = per_rank // self.accumulate
-        workers = int(cfg.data.get("num_workers", 0))
-        pin = bool(cfg.data.get("pin_memory", False)) and self.device.type == "cuda"
-        prefetch = cfg.data.get("prefetch_factor")
+        workers = int(cfg.data.num_workers)
+        pin = bool(cfg.data.pin_memory) and self.device.type == "cuda"
+        prefetch = cfg.data.prefetch_factor
         self.generator = torch.Generator()
         if self.info.enabled:
             self.train_sampler = DistributedSampler(train_set, num_replicas=world, rank=self.info.rank,
@@ -278,8 +233,8 @@ class Trainer:
 
     def _criterion_and_mixup(self):
         recipe = self.cfg.recipe
-        smoothing = float(recipe.get("label_smoothing", 0.0) or 0.0)
-        mixup, cutmix = float(recipe.get("mixup", 0) or 0), float(recipe.get("cutmix", 0) or 0)
+        smoothing = float(recipe.label_smoothing)
+        mixup, cutmix = float(recipe.mixup), float(recipe.cutmix)
         if mixup > 0 or cutmix > 0:
             from timm.data import Mixup
             from timm.loss import SoftTargetCrossEntropy
@@ -450,40 +405,37 @@ class Trainer:
                 write_text_atomic(self.run_dir / "error.txt", traceback.format_exc() + line + "\n")
 
     def _train(self, resume_from: Path | None, started: float, fresh: bool) -> dict:
-        from dyconv_repro.models.build import build_model
-
         cfg = self.cfg
         seed_all(int(cfg.seed))
         train_loader, val_loader = self._loaders()
         self.steps_per_epoch = len(train_loader)
-        max_steps = cfg.trainer.get("max_steps_per_epoch")
+        max_steps = cfg.trainer.max_steps_per_epoch
         if max_steps:
             self.steps_per_epoch = min(self.steps_per_epoch, int(max_steps))
         epochs = int(cfg.trainer.epochs)
 
-        model = build_model(cfg)
-        hooks = build_hooks(cfg.recipe)
+        model, hooks = self.built_model, self.hooks
         for h in hooks:
-            if isinstance(h, Refocus):
-                h.configure(model)
+            h.configure_model(model)  # e.g. RefConv's refocus freezing, before the optimizer sees the parameters
         model.to(self.device)
-        if cfg.trainer.get("channels_last"):
+        if cfg.trainer.channels_last:
             model = to_channels_last(model)
-        conv_path = str(cfg.trainer.get("conv_path", "auto"))
+        conv_path = str(cfg.trainer.conv_path)
         if conv_path != "auto":
             set_dynamic_conv_path(model, conv_path)
-        if self.info.enabled and cfg.trainer.get("sync_bn"):
+        if self.info.enabled and cfg.trainer.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.raw_model = model
         self.model = model  # hooks act on the unwrapped model
-        complexity = self._complexity(model)
+        self.val_loader = val_loader
+        complexity = self.record
 
         no_decay = [p for h in hooks for p in h.no_decay_params(model)]
         self.optimizer = build_optimizer(model, cfg.recipe, no_decay)
         self.scheduler = build_scheduler(self.optimizer, cfg.recipe, epochs, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.ema = None
-        if cfg.recipe.get("ema") and cfg.recipe.ema.get("enabled"):
+        if cfg.recipe.ema.enabled:
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(model, decay=float(cfg.recipe.ema.decay))
@@ -499,7 +451,7 @@ class Trainer:
         if self.info.is_main and not fresh:  # rows a killed run logged after its checkpoint are redone
             drop_metrics_after(self.run_dir / "metrics.jsonl", self.epoch)
         loggers = [LocalLogger(self.run_dir)] if self.info.is_main else []
-        if self.info.is_main and cfg.logger.get("name") == "wandb":
+        if self.info.is_main and cfg.logger.name == "wandb":
             prev = ckpt.load_checkpoint(resume_from).get("wandb_id") if resume_from else None
             self.logger_wandb = WandbLogger(cfg.logger, self.run_dir, OmegaConf.to_container(cfg, resolve=True),
                                             resume_id=prev)
@@ -513,7 +465,7 @@ class Trainer:
             nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
                 model, constant_buffer_names(model))
             train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        if cfg.trainer.get("compile"):
+        if cfg.trainer.compile:
             from dyconv_repro.engine.compile_check import check_compile_supported
 
             check_compile_supported(str(cfg.op.name))
@@ -537,7 +489,7 @@ class Trainer:
         self._write_summary(self._summary("running", complexity, last_eval, started))
         if self.info.is_main:
             point_latest(self.run_dir)
-            link_sweep_job(self.run_dir, cfg.get("stage"))
+            link_sweep_job(self.run_dir, cfg.stage)
         try:
             while self.epoch < epochs:
                 record = self._train_epoch(train_model, train_loader, criterion, mixup, hooks, stop,
@@ -568,10 +520,6 @@ class Trainer:
         summary = self._summary("finished", complexity, last_eval, started)
         checksums = all_gather_object(_state_checksum(model), self.info)
         summary["rank_weight_checksums"] = checksums
-        if cfg.recipe.get("refocus") and self.info.is_main:
-            from dyconv_repro.models.deploy import save_deployed
-
-            summary["deploy"] = save_deployed(self.cfg, model, val_loader, self.device, self.run_dir)
         self._write_summary(summary)
         logger.summary(summary)
         logger.close()
@@ -602,8 +550,8 @@ class Trainer:
         # the first non-finite loss (step, value), recorded on the device and checked every log_every steps
         nonfinite = torch.tensor([-1.0, 0.0], dtype=torch.float64, device=self.device)
         n_steps = self.steps_per_epoch
-        ckpt_every = int(cfg.trainer.get("checkpoint_every_steps") or 0)
-        show = bool(cfg.trainer.get("progress", True)) and self.info.is_main
+        ckpt_every = int(cfg.trainer.checkpoint_every_steps)
+        show = bool(cfg.trainer.progress) and self.info.is_main
         bar = None
         if show:
             from tqdm import tqdm
@@ -617,7 +565,7 @@ class Trainer:
             skipped = ckpt.set_rng_state(rng)
             if skipped:
                 log.warning("resume: RNG not restored for %s", ", ".join(skipped))
-        log_every = max(int(cfg.trainer.get("log_every", 20)), 1)
+        log_every = max(int(cfg.trainer.log_every), 1)
         t_epoch = time.time()
         images_epoch = 0
         for i in range(batch_skip, n_steps):
@@ -632,7 +580,7 @@ class Trainer:
             hard_targets = targets
             if mixup is not None:
                 images, targets = mixup(images, targets)
-            if cfg.trainer.get("channels_last"):
+            if cfg.trainer.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             self.optimizer.zero_grad(set_to_none=True)
             micro = list(zip(images.split(self.micro_batch), targets.split(self.micro_batch),
@@ -661,7 +609,7 @@ class Trainer:
                     totals["n"] += mh.numel()
             if (i + 1) % log_every == 0 or i + 1 == n_steps:
                 self._check_finite(nonfinite)
-            if cfg.recipe.get("grad_clip"):
+            if cfg.recipe.grad_clip:
                 self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(self.raw_model.parameters(), float(cfg.recipe.grad_clip))
             self.scaler.step(self.optimizer)
@@ -712,8 +660,8 @@ class Trainer:
             raise FloatingPointError(f"loss is {value} at step {int(step)}; lower recipe.lr or enable recipe.grad_clip")
 
     def _evaluate(self, val_loader) -> dict:
-        kw = dict(info=self.info, amp_dtype=self.amp_dtype, channels_last=bool(self.cfg.trainer.get("channels_last")),
-                  max_steps=self.cfg.trainer.get("max_steps_per_epoch"))
+        kw = dict(info=self.info, amp_dtype=self.amp_dtype, channels_last=bool(self.cfg.trainer.channels_last),
+                  max_steps=self.cfg.trainer.max_steps_per_epoch)
         result = evaluate(self.raw_model, val_loader, self.device, **kw)
         if self.ema is not None:
             ema = evaluate(self.ema.module, val_loader, self.device, **kw)
@@ -731,27 +679,11 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------ reporting
-    def _complexity(self, model: nn.Module) -> dict:
-        params = sum(p.numel() for p in model.parameters())
-        out = {"params": params, "madds": None, "deploy_params": None, "deploy_madds": None}
-        if not self.info.is_main:
-            return out
-        try:
-            from dyconv_repro.analysis.complexity import complexity_report
-
-            rep = complexity_report(model, int(self.cfg.data.image_size))
-            out.update({k: rep.get(k) for k in ("params", "madds", "deploy_params", "deploy_madds")})
-        except Exception as e:  # noqa: BLE001 - complexity is a report, never a reason to stop training
-            log.warning("complexity count failed (%s: %s); params only", type(e).__name__, e)
-        finally:
-            model.train()
-        return out
-
     def _summary(self, status: str, complexity: dict, last_eval: dict, started: float) -> dict:
         cfg = self.cfg
         return {
             "status": status,
-            "experiment": cfg.get("experiment_id"),
+            "experiment": cfg.experiment_id,
             "run_name": str(cfg.run_name),
             "run_dir": str(self.run_dir),
             "model": str(cfg.model.name),
@@ -768,7 +700,7 @@ class Trainer:
             "final_top1": last_eval.get("top1"),
             "final_top5": last_eval.get("top5"),
             "final_ema_top1": last_eval.get("ema_top1"),
-            **complexity,
+            **{k: v for k, v in complexity.items() if k not in ("replaced_layers", "replaced_layers_digest")},
             "wall_time_s": time.time() - started,
             "train_time_s": self.train_time,
             "images_per_s": self.images_seen / self.train_time if self.train_time > 0 else None,
@@ -780,7 +712,13 @@ class Trainer:
             "cpu_heap": self.cpu_heap,
             "torch": torch.__version__,
             "git_commit": git_commit(),
+            "replaced_layers_digest": complexity.get("replaced_layers_digest"),
+            "replaced_layers": complexity.get("replaced_layers"),
         }
+
+    def write_summary(self, summary: dict) -> None:
+        """Rewrite summary.json (rank 0), e.g. after a post-training stage added to it."""
+        self._write_summary(summary)
 
     def _write_summary(self, summary: dict) -> None:
         if not self.info.is_main or not hasattr(self, "run_dir"):
@@ -801,8 +739,3 @@ def _state_checksum(model: nn.Module) -> str:
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def train(cfg: DictConfig) -> dict:
-    """Train one run described by a composed config; returns the summary."""
-    return Trainer(cfg).run()

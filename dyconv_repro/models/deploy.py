@@ -1,16 +1,14 @@
-"""Deployment: re-parameterize every operator that can, verify outputs, save a plain model."""
+"""Deployment transforms: decompose / re-parameterize every operator that can (pure model -> model functions;
+verifying and saving a deployed run is pipeline/deploy.py)."""
 
 from __future__ import annotations
 
 import copy
 import logging
-from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from dyconv_repro.engine.checkpoint import save_atomic
 from dyconv_repro.errors import UserError
 from dyconv_repro.ops import walkers
 
@@ -39,22 +37,12 @@ def decompose_mode(value) -> str:
     return mode
 
 
-@torch.no_grad()
-def _logits(model: nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(b) for b in batches])
-
-
-def _count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def baseline_config(cfg: DictConfig) -> DictConfig:
     """The same backbone with plain convs (op=conv, nothing replaced, no init)."""
     base = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     with open_dict(base):
         base.op = {"name": "conv", "kwargs": {}}
-        base.policy = {"name": "none"}
+        base.policy = {"name": "none", "roles": []}
         base.model.init_from = None
         base.model.pretrained = False
     return base
@@ -78,67 +66,3 @@ def decomposition_report(model: nn.Module) -> dict:
             "decomposed_by_auto": [name for name, m in layers if decompose_pays(m)],
             "kept_dense_by_auto": [name for name, m in layers if not decompose_pays(m)],
             "rule": f"decompose_gain() >= {DECOMPOSE_MIN_GAIN:g} (measured on CPU)"}
-
-
-def deploy_model(cfg: DictConfig, model: nn.Module, batches: list[torch.Tensor], device: torch.device,
-                 tolerance: float = 1e-4, data_loader=None, decompose: str | bool = "auto") -> tuple[nn.Module, dict]:
-    """eval -> deep copy -> decompose / reparameterize -> verify logits on `batches` -> report."""
-    model = model.to(device).eval()
-    deployed = deploy_transform(model, decompose).to(device).eval()
-    batches = [b.to(device) for b in batches]
-    before, after = _logits(model, batches), _logits(deployed, batches)
-    max_diff = (before - after).abs().max().item()
-    report = {"max_abs_logit_diff": max_diff, "tolerance": tolerance, "params_before": _count(model),
-              "params_after": _count(deployed), "decompose": decompose_mode(decompose)}
-    if walkers.structured_layers(model):
-        report["decomposition"] = decomposition_report(model)
-    try:
-        from dyconv_repro.analysis.complexity import count_madds
-
-        size = int(cfg.data.image_size)
-        report.update(madds_before=count_madds(model, size), madds_after=count_madds(deployed, size))
-    except Exception as e:  # noqa: BLE001 - a report field, not a reason to fail
-        log.warning("MAdds not counted: %s", e)
-    if data_loader is not None:
-        from dyconv_repro.engine.evaluate import evaluate
-
-        report["top1_before"] = evaluate(model, data_loader, device)["top1"]
-        report["top1_after"] = evaluate(deployed, data_loader, device)["top1"]
-    # does the deployed state_dict load into the unmodified baseline architecture?
-    try:
-        from dyconv_repro.engine.checkpoint import load_model_state_strict
-        from dyconv_repro.models.build import build_model
-
-        plain = build_model(baseline_config(cfg))
-        load_model_state_strict(plain, deployed.state_dict(), what="deployed model")
-        report["loads_into_baseline"] = True
-        report["baseline_params"] = _count(plain)
-    except UserError as e:
-        report["loads_into_baseline"] = False
-        report["baseline_mismatch"] = str(e)
-    return deployed, report
-
-
-def save_deployed(cfg: DictConfig, model: nn.Module, val_loader, device: torch.device, run_dir: Path,
-                  tolerance: float = 1e-4, max_batches: int = 2, decompose: str | bool = "auto") -> dict:
-    """Write run_dir/deployed.pt (+ deploy.json); refuse to save when outputs drift beyond `tolerance`."""
-    import json
-
-    batches = []
-    for i, (images, _) in enumerate(val_loader):
-        if i >= max_batches:
-            break
-        batches.append(images)
-    deployed, report = deploy_model(cfg, model, batches, device, tolerance, decompose=decompose)
-    path = Path(run_dir) / "deployed.pt"
-    (Path(run_dir) / "deploy.json").write_text(json.dumps(report, indent=2))
-    if report["max_abs_logit_diff"] > tolerance:
-        log.error("deployed model drifts by %.3g > %.3g; NOT saved", report["max_abs_logit_diff"], tolerance)
-        report["saved"] = None
-        return report
-    save_atomic({"model": deployed.state_dict(), "config": OmegaConf.to_container(baseline_config(cfg)),
-                 "report": report}, path)
-    report["saved"] = str(path)
-    log.info("deployed model: %s (max |dlogit| %.2e, params %d -> %d)", path, report["max_abs_logit_diff"],
-             report["params_before"], report["params_after"])
-    return report

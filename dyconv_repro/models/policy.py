@@ -1,9 +1,10 @@
 """Replacement policies: which convs a paper turns into its operator.
 
 A policy (configs/policy/<name>.yaml) selects layers by role (see roles.py), kernel size, stage and
-width, so one small file states a paper's placement for every backbone. `policy=auto` picks the
-chosen operator's paper policy: the `placement` its class declares (a policy file name or an inline
-mapping; by default configs/policy/<op>.yaml).
+width, so one small file states a paper's placement for every backbone. Under Hydra each operator's
+config chooses its paper policy in its defaults list (configs/op/<op>.yaml: `override
+/policy@_global_.policy: <name>`), so a run's config.yaml holds the placement it used. From Python,
+`load_policy("auto", op)` reads that same choice.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import yaml
 from dyconv_repro.config_dir import config_dir
 from dyconv_repro.errors import UserError
 from dyconv_repro.models.roles import CONV_ROLES, ROLES, LayerReport
-from dyconv_repro.ops import OPS
 
 KEYS = ("name", "roles", "kernel_sizes", "stages", "min_channels", "block_routing", "copy_weights",
         "role_kwargs", "exclude", "allow_empty")
@@ -83,17 +83,21 @@ class Policy:
 
 
 def policy_names() -> list[str]:
-    return sorted(p.stem for p in (Path(config_dir()) / "policy").glob("*.yaml") if p.stem != "auto")
+    return sorted(p.stem for p in (Path(config_dir()) / "policy").glob("*.yaml"))
 
 
-def _declared_placement(op_name: str) -> tuple[str, dict | None]:
-    """(policy name, inline policy or None) that operator `op_name` declares as its paper placement."""
-    placement = getattr(OPS.get(op_name), "placement", None)
-    if placement is None:
-        return op_name, None
-    if isinstance(placement, str):
-        return placement, None
-    return str(dict(placement).get("name", op_name)), dict(placement)
+def paper_policy_name(op_name: str) -> str:
+    """The policy that configs/op/<op>.yaml selects (what `dyconv-train op=<op>` uses); `none` when the op
+    has no config file or its config selects none."""
+    path = Path(config_dir()) / "op" / f"{op_name}.yaml"
+    if not path.is_file():
+        return "none"
+    for entry in (yaml.safe_load(path.read_text()) or {}).get("defaults") or []:
+        if isinstance(entry, dict):
+            for key, value in entry.items():
+                if str(key).replace("override ", "").strip().split("@")[0].lstrip("/") == "policy":
+                    return str(value)
+    return "none"
 
 
 def _to_dict(policy) -> dict:
@@ -114,7 +118,8 @@ def _to_dict(policy) -> dict:
 def load_policy(policy, op_name: str = "conv") -> Policy:
     """Policy from a Policy, a name, or a (Dict)Config; keys given next to `name` override the file.
 
-    A name without other keys reads configs/policy/<name>.yaml; `auto` reads the op's file.
+    A name without other keys reads configs/policy/<name>.yaml; `auto` (Python shorthand) reads the policy
+    the op's config selects, with the keys given as null taken from that file.
     """
     if isinstance(policy, Policy):
         return policy
@@ -124,21 +129,15 @@ def load_policy(policy, op_name: str = "conv") -> Policy:
     if unknown:
         raise UserError(f"policy: unknown key(s) {unknown}; valid keys: {', '.join(KEYS)}")
     overrides = {k: v for k, v in data.items() if k != "name"}
-    inline = None
-    if name == "auto":  # null = take it from the op's declared placement
-        name, inline = _declared_placement(op_name)
+    if name == "auto":  # null = take it from the op's paper policy
+        name = paper_policy_name(op_name)
         overrides = {k: v for k, v in overrides.items() if v is not None}
     path = Path(config_dir()) / "policy" / f"{name}.yaml"
-    if inline is not None:
-        base = {k: v for k, v in inline.items() if k != "name"}
-    elif path.is_file():
+    if path.is_file():
         base = yaml.safe_load(path.read_text()) or {}
         base = {k: v for k, v in base.items() if k != "name"}
     elif "roles" in overrides:  # a fully inline policy
         base = {}
-    elif data.get("name", "auto") in (None, "auto"):
-        raise UserError(f"operator {op_name!r} declares no placement and there is no {path}: set `placement` on its "
-                        f"class or choose a policy ({', '.join(policy_names())})")
     else:
         raise UserError(f"unknown policy {name!r} (no {path}). Valid policies: {', '.join(policy_names())}, auto")
     return Policy(name=name, **{**base, **overrides})

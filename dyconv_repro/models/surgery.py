@@ -114,6 +114,18 @@ def swap_convs(model: nn.Module, op_name: str, policy=None, op_kwargs: Mapping |
     return reports
 
 
+def replaced_layers(reports: list[LayerReport]) -> dict:
+    """What a run records about its surgery: every replaced layer (name, role, op, shape, stride, groups) and a
+    digest of that list, so two runs (or a run and `dyconv-complexity --layers`) can be compared at a glance."""
+    import hashlib
+    import json
+
+    layers = [{"name": r.name, "role": r.role, "op": r.op, "shape": list(r.shape), "stride": list(r.stride),
+               "groups": r.groups} for r in reports if r.replaced]
+    digest = hashlib.sha256(json.dumps(layers, sort_keys=True).encode()).hexdigest()[:16]
+    return {"replaced_layers": layers, "replaced_layers_digest": digest}
+
+
 def layer_table(reports: list[LayerReport], show_internal: bool = False) -> str:
     """The per-layer surgery table as text."""
     rows = [r for r in reports if show_internal or r.role not in ("internal", "se", "linear", "unused")]
@@ -131,6 +143,8 @@ def layer_table(reports: list[LayerReport], show_internal: bool = False) -> str:
     n_rep = sum(r.replaced for r in reports)
     lines.append(f"replaced {n_rep} of {n_conv} convs + classifier" if any(
         r.replaced and r.role == "classifier" for r in reports) else f"replaced {n_rep} of {n_conv} convs")
+    lines.append(f"replaced-layers digest {replaced_layers(reports)['replaced_layers_digest']} "
+                 "(summary.json of a run with this config records the same)")
     return "\n".join(lines)
 
 

@@ -2,14 +2,13 @@
 
 Every operator subclasses `ConvOp` so that surgery, complexity counting and walkers can read
 `in_channels, out_channels, kernel_size, stride, padding, dilation, groups` exactly as on nn.Conv2d, and
-declares on its class what the rest of the system would otherwise look up by name: where the paper places it
-(`placement`), whether it only replaces depthwise convs, its fully connected form for the classifier, whether
-surgery must hand it the replaced kernel. `capabilities()` lists the optional methods it has.
+declares on its class what the rest of the system would otherwise look up by name: whether it only replaces
+depthwise convs, its fully connected form for the classifier, whether
+surgery must hand it the replaced kernel. `capabilities()` lists the optional methods it has. Where the paper
+places it is configuration, not code: configs/op/<op>.yaml selects its policy.
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
 
 from torch import nn
 from torch.nn.modules.utils import _pair
@@ -54,16 +53,12 @@ class ConvOp(nn.Module):
 
     Class attributes an operator sets to describe itself (read by surgery, policies and `dyconv-list`):
 
-    - `placement`: the paper's default replacement policy for `policy=auto` -- the name of a
-      configs/policy/<name>.yaml file, or an inline mapping of policy keys ({"roles": ["dense"]}).
-      None means the policy file named like the operator.
     - `depthwise_only`: the operator is only defined for depthwise convs (surgery keeps the others, with a note).
     - `linear_form`: the nn.Linear-shaped class that replaces a classifier (None: it cannot).
     - `copies_static_weight`: surgery always loads the replaced conv's kernel (`load_static_weight`), because
       the operator is defined relative to it (RefConv's basis).
     """
 
-    placement: str | Mapping | None = None
     depthwise_only: bool = False
     linear_form: type | None = None
     copies_static_weight: bool = False

@@ -92,7 +92,6 @@ class CondLinear(nn.Module):
 class CondConv2d(DynamicConvOp):
     """Conditionally parameterized conv; regular, grouped and depthwise."""
 
-    placement = "condconv"  # configs/policy/condconv.yaml: every conv + the classifier
     linear_form = CondLinear
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1, groups=1,

@@ -12,7 +12,6 @@ from dyconv_repro.ops.registry import OPS
 class StaticConv(nn.Conv2d):
     """Plain nn.Conv2d whose `padding=None` means 'same' like every other operator."""
 
-    placement = "none"  # the baseline replaces nothing
     baseline = True  # surgery keeps the model's own convs instead of re-initializing them
     depthwise_only = False
     linear_form = None

@@ -27,7 +27,6 @@ def attention_hidden(in_features: int, reduction: int) -> int:
 class DynamicConv2d(DynamicConvOp):
     """Attention over K convolution kernels (and biases)."""
 
-    placement = "dynamicconv"  # configs/policy/dynamicconv.yaml: every conv but the stem and the last 1x1
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1, groups=1,
                  bias=False, num_kernels: int = 4, reduction: int = 4, temperature: float = 30.0,

@@ -34,7 +34,6 @@ def predictor_hidden(in_features: int, reduction: int) -> int | None:
 class DyNetConv2d(DynamicConvOp):
     """Per-output-channel dynamic kernel fusion."""
 
-    placement = "dynet"  # configs/policy/dynet.yaml
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1, groups=1,
                  bias=False, num_bases: int = 6, reduction: int = 4, *, device=None, dtype=None):

@@ -80,7 +80,6 @@ class MixConv(ConvOp):
     device type); "split" / "fused" force one.
     """
 
-    placement = "mixconv"  # configs/policy/mixconv.yaml: every depthwise conv
 
     def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=None, dilation=1,
                  groups=1, bias=False, num_groups=None, kernel_sizes=None, split="equal", dilated=False,

@@ -41,7 +41,6 @@ class RefConv(ConvOp):
     - train_basis: the basis becomes a trainable Parameter (still named `weight`).
     """
 
-    placement = "refconv"  # configs/policy/refconv.yaml: every non-1x1 conv
     copies_static_weight = True  # the refocusing is defined relative to the replaced (pretrained) kernel
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1,

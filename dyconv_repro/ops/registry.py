@@ -4,8 +4,8 @@ from dyconv_repro.registry import Registry
 
 
 class OpRegistry(Registry):
-    """Registry of operator classes; registering names the class (`op_name`), which is also the name of its
-    default policy file when the class sets no `placement`."""
+    """Registry of operator classes; registering names the class (`op_name`, the name of its config file
+    configs/op/<op_name>.yaml)."""
 
     def register(self, name: str, help: str | None = None):
         base = super().register(name, help)

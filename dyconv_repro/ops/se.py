@@ -30,7 +30,6 @@ class SqueezeExcite(SEModule):
 class SEConv(ConvOp):
     """`conv` (an nn.Conv2d, keys `conv.weight`/`conv.bias`) then `se` (SqueezeExcite on C_out)."""
 
-    placement = "se"  # configs/policy/se.yaml
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1,
                  groups=1, bias=False, reduction=4, *, device=None, dtype=None):

@@ -159,7 +159,6 @@ class StructuredConv2d(_Structured, ConvOp):
     Grouped/depthwise convs are structured per group (the channel box never crosses a group).
     """
 
-    placement = "structured"  # configs/policy/structured.yaml
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1,
                  groups=1, bias=False, c=None, n=None, mode="regularize", *, device=None, dtype=None):

@@ -19,7 +19,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from dyconv_repro.config import compose, validate
 from dyconv_repro.errors import UserError
+from dyconv_repro.pipeline.train import train_run
 
 log = logging.getLogger("dyconv")
 
@@ -37,28 +39,19 @@ def _compose_stage(cfg: DictConfig, base_overrides: list[str], overrides: list[s
     """The run's config with the stage's overrides: recomposed through Hydra from the run's own
     command-line overrides, so group changes (op=conv, recipe=...) work like on the command line."""
     if not overrides:
-        return OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from dyconv_repro.config_dir import config_dir
-
-    if GlobalHydra.instance().is_initialized():
-        return compose("train", overrides=base_overrides + list(overrides))
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose("train", overrides=base_overrides + list(overrides))
+        return validate(OmegaConf.create(OmegaConf.to_container(cfg, resolve=False)))
+    return compose(base_overrides + list(overrides))
 
 
 def run_pipeline(cfg: DictConfig, base_overrides: list[str] | None = None) -> dict:
     """Train `cfg`, or each of its pipeline stages in order. `base_overrides` are the overrides
     `cfg` was composed with (default: the current Hydra job's)."""
-    from dyconv_repro.engine.trainer import train
-
-    stages = cfg.get("pipeline")
+    cfg = validate(cfg)
+    stages = cfg.pipeline
     if not stages:
-        return train(cfg)
+        return train_run(cfg)
     base_overrides = _task_overrides() if base_overrides is None else list(base_overrides)
-    user_init = cfg.model.get("init_from")
+    user_init = cfg.model.init_from
     consumed = {s.get("init_from") for s in stages if s.get("init_from")}
     outputs: dict[str, Path] = {}
     summary: dict = {}
@@ -71,9 +64,9 @@ def run_pipeline(cfg: DictConfig, base_overrides: list[str] | None = None) -> di
         with open_dict(scfg):
             scfg.pipeline = None
             scfg.run_name = f"{cfg.run_name}/{name}"
-            scfg.experiment_id = cfg.get("experiment_id")
+            scfg.experiment_id = cfg.experiment_id
             scfg.stage = name
-            if cfg.get("run_id"):
+            if cfg.run_id:
                 scfg.run_id = cfg.run_id
             src = stage.get("init_from")
             if src and not user_init:
@@ -84,6 +77,6 @@ def run_pipeline(cfg: DictConfig, base_overrides: list[str] | None = None) -> di
             elif src and user_init:
                 scfg.model.init_from = user_init
         log.info("pipeline: stage %r", name)
-        summary = train(scfg)
+        summary = train_run(scfg)
         outputs[name] = Path(summary["run_dir"])
     return summary
