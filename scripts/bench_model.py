@@ -2,7 +2,7 @@
 
 import sys
 
-from dyconv_repro.analysis.bench_model import main
+from dyconv_repro.cli.bench import main
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main(["model", *sys.argv[1:]])

@@ -56,8 +56,8 @@ MECHANICS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dyconv_repro.pipeline import train_run as train
     from dyconv_repro.ops import OPS
+    from dyconv_repro.pipeline import train_run as train
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=5)

@@ -9,13 +9,14 @@ import math
 import pytest
 
 from dyconv_repro.analysis import bench_model
+from dyconv_repro.cli import bench
 from dyconv_repro.errors import UserError
 
 TINY = ["--batch", "4", "--infer-batch", "2", "--repeats", "1", "--quick", "--threads", "1"]
 
 
 def test_model_bench_rows_ratios_and_outputs(tmp_path, capsys):
-    out = bench_model.main(["--models", "resnet20@32", "--ops", "conv,dynamicconv:num_kernels=2,refconv", *TINY,
+    out = bench.main(["model", "--models", "resnet20@32", "--ops", "conv,dynamicconv:num_kernels=2,refconv", *TINY,
                             "--out", str(tmp_path / "res"), "--write-page", "tiny", "--page-dir", str(tmp_path)])
     rows = {r["label"]: r for r in out["rows"]}
     # static first, the op, the reparameterizable op and its deployed form; no deploy row for DY-Conv
@@ -72,8 +73,8 @@ def test_token_parsing_and_errors(capsys):
     with pytest.raises(UserError):
         bench_model.plan_cases(None, "conv", [], None, None, peers=False)
     with pytest.raises(SystemExit) as e:
-        bench_model.main(["model=resnet20", "op=nope", *TINY])
+        bench.main(["model", "model=resnet20", "op=nope", *TINY])
     assert e.value.code == 2
     with pytest.raises(SystemExit) as e:
-        bench_model.main(["model=resnet20", "--readme", *TINY])  # the summary is rendered from pages
+        bench.main(["model", "model=resnet20", "--readme", *TINY])  # the summary is rendered from pages
     assert e.value.code == 2 and "--readme needs --write-page" in capsys.readouterr().err

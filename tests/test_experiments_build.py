@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dyconv_repro.analysis.bench_model import compose
 from dyconv_repro.analysis.complexity import count_params
+from dyconv_repro.config import compose
 from dyconv_repro.models.build import build_model
 from dyconv_repro.results.expected import PAPERS, load_expected, matches_published
 

@@ -16,10 +16,10 @@ from torch import nn
 
 from dyconv_repro.engine.device import configure_cuda, constant_buffer_names, to_channels_last
 from dyconv_repro.engine.distributed import slurm_env
-from dyconv_repro.pipeline import train_run as train
 from dyconv_repro.models.registry import BACKBONES
 from dyconv_repro.ops import OPS, build_op
 from dyconv_repro.ops.engine import DynamicConvOp
+from dyconv_repro.pipeline import train_run as train
 
 CL = torch.channels_last
 TINY = ["trainer.epochs=1", "trainer.max_steps_per_epoch=2", "recipe.batch_size=16"]

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dyconv_repro.engine.hooks import annealed_temperature
-from dyconv_repro.pipeline import train_run as train
 from dyconv_repro.ops import OPS
+from dyconv_repro.pipeline import train_run as train
 
 from .conftest import compose
 from .test_train import run_killed_then_resumed
@@ -76,9 +76,9 @@ def test_structural_regularization_then_decomposition(make_cfg):
 @pytest.mark.skipif("refconv" not in OPS, reason="refconv not built")
 def test_refconv_pipeline_baseline_refocus_deploy(tmp_path):
     from dyconv_repro.engine.checkpoint import load_model_state_strict
-    from dyconv_repro.pipeline import run_pipeline
     from dyconv_repro.models.build import build_model
     from dyconv_repro.models.deploy import baseline_config
+    from dyconv_repro.pipeline import run_pipeline
 
     overrides = [f"output_dir={tmp_path / 'runs'}", "trainer.progress=false", "op=refconv", "trainer.epochs=2",
                  "trainer.max_steps_per_epoch=4", "recipe.batch_size=32", "+recipe.refocus={freeze_bn: false}",

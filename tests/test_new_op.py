@@ -1,5 +1,6 @@
 """Adding an operator is one file: a throwaway op written here, registered only in this process, runs through
-the equivalence grid, surgery with its own declared placement, complexity and one training epoch without touching any other file of the project."""
+the equivalence grid, surgery, complexity and one training epoch without touching any other file of the project
+(its placement given as policy overrides, as its configs/op/<name>.yaml would select it)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import torch
 from torch import nn
 
 from dyconv_repro.analysis.complexity import count_madds
-from dyconv_repro.pipeline import train_run as train
 from dyconv_repro.models.build import build_model_with_report
 from dyconv_repro.ops import OPS
 from dyconv_repro.ops.engine import DynamicConvOp, gap
+from dyconv_repro.pipeline import train_run as train
 
 from .test_ops_dynamic import assert_paths_equal_reference
 
@@ -25,8 +26,6 @@ NAME = "test_channel_gate"
 class ChannelGateConv(DynamicConvOp):
     """W(x)[b, o] = sigmoid(FC(GAP(x)))[b, o] * W[o]: an output-channel attention folded into the kernel
     (ODConv's output-channel head on its own). The paper's math only: parameters, init, kernel(x)."""
-
-    placement = {"roles": ["dense"]}  # inline: no policy file needed
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1, groups=1,
                  bias=False, *, device=None, dtype=None):
@@ -59,10 +58,11 @@ def test_new_op_equals_its_reference_on_every_path(registered):
 
 
 def test_new_op_through_surgery_complexity_and_training(registered, make_cfg):
-    cfg = make_cfg(f"op.name={NAME}", "trainer.epochs=1", "trainer.max_steps_per_epoch=2", "recipe.batch_size=16")
+    cfg = make_cfg(f"op.name={NAME}", "policy.name=gate", "policy.roles=[dense]", "trainer.epochs=1",
+                   "trainer.max_steps_per_epoch=2", "recipe.batch_size=16")
     model, reports = build_model_with_report(cfg, verbose=False)
     replaced = [r for r in reports if r.replaced]
-    assert replaced and {r.role for r in replaced} == {"dense"}  # the class's declared placement
+    assert replaced and {r.role for r in replaced} == {"dense"}  # the placement it was given
     assert all(type(r.module) is ChannelGateConv for r in replaced)
     static, _ = build_model_with_report(make_cfg(), verbose=False)
     assert count_madds(model, 32) > count_madds(static, 32)  # the gate's FC is counted

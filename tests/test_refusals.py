@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dyconv_repro.pipeline import train_run as train
 from dyconv_repro.errors import UserError
+from dyconv_repro.pipeline import train_run as train
 
 from .conftest import run_cli
 

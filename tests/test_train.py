@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from dyconv_repro.engine.hooks import Hook
-from dyconv_repro.pipeline import train_run as train
 from dyconv_repro.errors import UserError
+from dyconv_repro.pipeline import train_run as train
 
 from .conftest import run_cli
 

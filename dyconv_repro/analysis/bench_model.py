@@ -210,24 +210,8 @@ PEER_PAIRS = (("condconv:num_experts=4:policy=condconv_effnet", "timm:efficientn
               ("mixconv", "timm:mixnet_s"))
 
 
-def compose(overrides: list[str]):
-    """The composed train config for these overrides (as `dyconv-train <overrides>` would see it)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from dyconv_repro.config_dir import config_dir
-
-    try:
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            return hydra_compose("train", overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot compose the config {' '.join(overrides)}: {first}") from None
-
-
 def build_case(case: Case) -> nn.Module:
+    from dyconv_repro.config import compose
     from dyconv_repro.models.build import build_model_with_report
 
     cfg = compose(["data=fake", f"data.image_size={case.image_size}", f"data.num_classes={case.num_classes}",
@@ -748,8 +732,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def add_model_parser(subparsers) -> argparse.ArgumentParser:
     """`dyconv-bench model ...` (for cli/bench.py's subparsers)."""
+    from dyconv_repro.config import groups_help
+
     p = subparsers.add_parser("model", help="whole networks: training img/s, batch-1 latency, memory vs static",
-                              description=__doc__.split("\n\n")[0])
+                              description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog=groups_help("dyconv-bench model", "dyconv-bench model [overrides ...] [options]"))
     configure_parser(p)
     p.set_defaults(func=run_model)
     return p
@@ -847,13 +834,3 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dyconv-bench model", description=__doc__.split("\n\n")[0])
     configure_parser(p)
     return p
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """Entry point without cli/bench.py: `python scripts/bench_model.py ...`; UserError -> exit 2."""
-    from dyconv_repro.cli.common import user_errors_exit
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv
-    return user_errors_exit(run_model)(args)

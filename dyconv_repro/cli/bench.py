@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
@@ -93,9 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @user_errors_exit
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None):
     args = build_parser().parse_args(argv)
-    args.func(args)
+    if getattr(args, "argv", None) is None:
+        args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
+    return args.func(args)
 
 
 if __name__ == "__main__":

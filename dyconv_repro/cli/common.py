@@ -32,3 +32,24 @@ def parse_overrides(argv: list[str]) -> tuple[dict, list[str]]:
         else:
             rest.append(tok)
     return kv, rest
+
+
+def split_args(argv: list[str], tool_keys: tuple[str, ...], tool: str, usage: str) -> tuple[dict, list[str]]:
+    """(the tool's own `key=value` options, the Hydra overrides for the run's config); `-h/--help` prints the
+    usage and the config groups, then exits 0."""
+    from dyconv_repro.config import groups_help
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(groups_help(tool, usage))
+        raise SystemExit(0)
+    flags = [a for a in argv if a.startswith("-")]
+    if flags:
+        raise UserError(f"unexpected option(s) {flags}; {usage}")
+    own, overrides = {}, []
+    for tok in argv:
+        k, eq, v = tok.partition("=")
+        if eq and k in tool_keys:
+            own[k] = v
+        else:
+            overrides.append(tok)
+    return own, overrides

@@ -18,25 +18,12 @@ from pathlib import Path
 import yaml
 
 from dyconv_repro.cli.common import user_errors_exit
+from dyconv_repro.config import compose
 from dyconv_repro.config_dir import config_dir
 from dyconv_repro.errors import UserError
 
 CONVENTION = ("MAdds = FLOPs/2 at batch 1 (FlopCounterMode: convs + matmuls incl. routing and kernel "
               "aggregation; elementwise ops and pooling free); M = millions")
-
-
-def compose(overrides: list[str]):
-    """The composed train config for Hydra-style overrides."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        with initialize_config_dir(config_dir=config_dir(), version_base=None):
-            return hydra_compose(config_name="train", overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException) as e:
-        raise UserError(f"cannot compose the config from {overrides}: {str(e).splitlines()[0]}") from None
 
 
 def measure(cfg, layers: bool = False, decomposed: str | None = None) -> dict:
@@ -186,8 +173,11 @@ def matrix_section(page: str, page_path: Path) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dyconv_repro.config import groups_help
+
     p = argparse.ArgumentParser(prog="dyconv-complexity", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=groups_help("dyconv-complexity", "dyconv-complexity [overrides ...] [options]"))
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=mobilenet_v2 op=dynamicconv")
     p.add_argument("--paper", default=None, help="count every row of results/expected/<paper>.yaml ('all': every paper)")
     p.add_argument("--write", nargs="?", const="results/tables/paper_rows.md", default=None, metavar="PATH",
@@ -224,10 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = compose(overrides)
     r = measure(cfg, layers=args.layers, decomposed=args.decomposed)
     print(f"# {CONVENTION}")
-    from dyconv_repro.models.policy import load_policy
-
-    policy = load_policy(cfg.policy, cfg.op.name).name
-    print(f"model={cfg.model.name} op={cfg.op.name} policy={policy} image_size={cfg.data.image_size}")
+    print(f"model={cfg.model.name} op={cfg.op.name} policy={cfg.policy.name} image_size={cfg.data.image_size}")
     print(f"params {_m(r['params'])}M  MAdds {_m(r['madds'])}M  |  deploy: params {_m(r['deploy_params'])}M  "
           f"MAdds {_m(r['deploy_madds'])}M")
     if args.decomposed:

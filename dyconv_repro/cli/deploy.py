@@ -16,44 +16,37 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from dyconv_repro.cli.common import parse_overrides, user_errors_exit
+from dyconv_repro.cli.common import split_args, user_errors_exit
 from dyconv_repro.errors import UserError
 
-USAGE = "usage: dyconv-deploy ckpt=PATH [data=val|random] [tolerance=1e-4] [decompose=auto|all|none] [out=PATH]"
+USAGE = ("dyconv-deploy ckpt=PATH|RUN_DIR [data=val|random] [tolerance=1e-4] [decompose=auto|all|none] [out=PATH] "
+         "[Hydra overrides of the run's config ...]")
 
 
 @user_errors_exit
 def deploy(argv: list[str]) -> dict:
     import torch
 
-    from dyconv_repro.cli.eval import load_run_config
-    from dyconv_repro.engine.checkpoint import (
-        load_checkpoint,
-        load_model_state_strict,
-        model_state_from,
-        save_atomic,
-    )
-    from dyconv_repro.engine.trainer import resolve_device
-    from dyconv_repro.models.build import build_model
-    from dyconv_repro.models.deploy import baseline_config, decompose_mode, deploy_model
+    from dyconv_repro.engine.checkpoint import save_atomic
+    from dyconv_repro.engine.device import resolve_device
+    from dyconv_repro.models.deploy import baseline_config, decompose_mode
+    from dyconv_repro.pipeline.deploy import deploy_model
+    from dyconv_repro.pipeline.runs import load_run
 
-    kv, rest = parse_overrides(argv)
-    if rest or "ckpt" not in kv:
-        raise UserError(USAGE)
-    path = Path(kv.pop("ckpt"))
-    source = kv.pop("data", "val")
-    tolerance = float(kv.pop("tolerance", 1e-4))
-    decompose = decompose_mode(kv.pop("decompose", "auto"))
-    out = Path(kv.pop("out")) if "out" in kv else None
+    own, overrides = split_args(argv, ("ckpt", "data", "tolerance", "decompose", "out"), "dyconv-deploy", USAGE)
+    if "ckpt" not in own:
+        raise UserError(f"usage: {USAGE}")
+    source = own.get("data", "val")
+    try:
+        tolerance = float(own.get("tolerance", 1e-4))
+    except ValueError:
+        raise UserError(f"tolerance must be a number, got {own['tolerance']!r}") from None
+    decompose = decompose_mode(own.get("decompose", "auto"))
+    out = Path(own["out"]) if "out" in own else None
     if source not in ("val", "random"):
         raise UserError(f"data must be val or random, got {source!r}")
-    state = load_checkpoint(path)
-    cfg = OmegaConf.merge(load_run_config(path, state), OmegaConf.from_dotlist([f"{k}={v}" for k, v in kv.items()]))
-    OmegaConf.update(cfg, "model.init_from", None, force_add=True)
-    OmegaConf.update(cfg, "model.pretrained", False, force_add=True)
-    device = resolve_device(str(cfg.trainer.get("device", "auto")))
-    model = build_model(cfg)
-    load_model_state_strict(model, model_state_from(state), what=f"checkpoint {path}")
+    cfg, model, _, path = load_run(own["ckpt"], overrides)
+    device = resolve_device(str(cfg.trainer.device))
     size = int(cfg.data.image_size)
     loader = None
     if source == "val":

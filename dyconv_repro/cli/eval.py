@@ -1,7 +1,7 @@
-"""`dyconv-eval ckpt=PATH [split=val] [key=value ...]`: evaluate a checkpoint, print and save top-1/top-5.
+"""`dyconv-eval ckpt=PATH [split=val] [overrides ...]`: evaluate a checkpoint, print and save top-1/top-5.
 
-The model is rebuilt from the config stored in the checkpoint (or the run's config.yaml);
-`key=value` overrides change it, e.g. `data.root=/data/imagenet trainer.device=cuda`.
+The model is rebuilt from the config stored in the checkpoint (or the run's config.yaml); Hydra-syntax
+overrides of its keys change it, e.g. `data.root=/data/imagenet trainer.device=cuda` (`--help` lists the groups).
 Results go to <ckpt>.eval.json next to the checkpoint.
 """
 
@@ -9,21 +9,11 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from dyconv_repro.cli.common import parse_overrides, user_errors_exit
+from dyconv_repro.cli.common import split_args, user_errors_exit
 from dyconv_repro.errors import UserError
 
-
-def load_run_config(ckpt_path: Path, state: dict):
-    if isinstance(state, dict) and state.get("config"):
-        return OmegaConf.create(state["config"])
-    for cand in (ckpt_path.parent / "config.yaml", ckpt_path.parent.parent / "config.yaml"):
-        if cand.is_file():
-            return OmegaConf.load(cand)
-    raise UserError(f"{ckpt_path} carries no config and no config.yaml was found next to it")
+USAGE = "dyconv-eval ckpt=PATH|RUN_DIR [split=val|train] [Hydra overrides of the run's config ...]"
 
 
 @user_errors_exit
@@ -31,32 +21,22 @@ def evaluate_checkpoint(argv: list[str]) -> dict:
     import torch
 
     from dyconv_repro.data import build_dataset
-    from dyconv_repro.engine.checkpoint import load_checkpoint, load_model_state_strict, model_state_from
+    from dyconv_repro.engine.device import resolve_device
     from dyconv_repro.engine.evaluate import evaluate
-    from dyconv_repro.engine.trainer import resolve_device
-    from dyconv_repro.models.build import build_model
+    from dyconv_repro.pipeline.runs import load_run
 
-    kv, rest = parse_overrides(argv)
-    if rest:
-        raise UserError(f"unexpected arguments {rest}; usage: dyconv-eval ckpt=PATH [split=val|train] [key=value ...]")
-    if "ckpt" not in kv:
-        raise UserError("usage: dyconv-eval ckpt=PATH [split=val|train] [key=value ...]")
-    path = Path(kv.pop("ckpt"))
-    split = kv.pop("split", "val")
+    own, overrides = split_args(argv, ("ckpt", "split"), "dyconv-eval", USAGE)
+    if "ckpt" not in own:
+        raise UserError(f"usage: {USAGE}")
+    split = own.get("split", "val")
     if split not in ("train", "val"):
         raise UserError(f"split must be train or val, got {split!r}")
-    state = load_checkpoint(path)
-    cfg = load_run_config(path, state)
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in kv.items()]))
-    OmegaConf.update(cfg, "model.init_from", None, force_add=True)
-    OmegaConf.update(cfg, "model.pretrained", False, force_add=True)
-    device = resolve_device(str(cfg.trainer.get("device", "auto")))
-    model = build_model(cfg)
-    load_model_state_strict(model, model_state_from(state), what=f"checkpoint {path}")
+    cfg, model, _, path = load_run(own["ckpt"], overrides)
+    device = resolve_device(str(cfg.trainer.device))
     model.to(device)
     dataset = build_dataset(cfg.data, split, cfg.recipe)
     loader = torch.utils.data.DataLoader(dataset, batch_size=int(cfg.recipe.batch_size), shuffle=False,
-                                         num_workers=int(cfg.data.get("num_workers", 0)))
+                                         num_workers=int(cfg.data.num_workers))
     result = evaluate(model, loader, device)
     result.update(ckpt=str(path), split=split, data=str(cfg.data.name))
     out = path.with_suffix(".eval.json")

@@ -54,7 +54,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     """Exit codes: 0 finished (or already finished), 1 failed (error.txt in the run directory), 2 bad input,
     130 Ctrl-C, 143 SIGTERM; the last four print one line on stderr. In a multirun a failed or refused job
     returns None to the sweeper and the sweep goes on; a signal stops the whole sweep."""
@@ -81,6 +81,27 @@ def main(cfg: DictConfig) -> float | None:
             traceback.print_exc()
             return None
         raise
+
+
+def composes_or_exit(argv: list[str]) -> None:
+    """A single run's overrides that Hydra cannot compose (an unknown group option, a key it cannot override)
+    are one `error:` line and exit 2, like every other bad input; Hydra's own report is several lines and exit 1.
+    Sweeps (`-m`) and Hydra's flags (`--cfg`, `--help`, ...) go to Hydra unchanged."""
+    if any(a.startswith("-") for a in argv):
+        return
+    from dyconv_repro.config.compose import _raw_compose
+
+    try:
+        _raw_compose(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main() -> None:
+    """`dyconv-train [overrides]` (and `python -m dyconv_repro.cli.train`, e.g. under torchrun)."""
+    composes_or_exit(sys.argv[1:])
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -75,18 +75,16 @@ def install(fault: str) -> None:
 
         loggers.append_jsonl = append_jsonl
     elif kind == "nan":
-        real_hooks = trainer.build_hooks
+        from dyconv_repro.engine.hooks import Hook
+        from dyconv_repro.pipeline import train as pipeline_train
 
-        class NanAt:
-            def on_train_start(self, t): pass
-            def on_step_start(self, t): pass
-            def epoch_metrics(self, t): return {}
-            def no_decay_params(self, m): return []
+        real_hooks = pipeline_train.build_hooks
 
+        class NanAt(Hook):
             def extra_losses(self, t):
                 return {"nan": torch.tensor(float("nan"))} if t.global_step + 1 == int(n) else {}
 
-        trainer.build_hooks = lambda recipe: real_hooks(recipe) + [NanAt()]
+        pipeline_train.build_hooks = lambda recipe: real_hooks(recipe) + [NanAt()]
     else:
         raise SystemExit(f"unknown FAULT {fault}")
 
