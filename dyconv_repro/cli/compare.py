@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", default=None, metavar="DIR",
                    help="summarize a hyper-parameter sweep under DIR instead (ranked table + `best:` line)")
     p.add_argument("--metric", default="best_top1", help="summary field a sweep is ranked by [best_top1]")
+    p.add_argument("--report", default=None, choices=("final", "final_raw", "best"),
+                   help="which top-1 of each run is compared: final (the paper's convention, its EMA when the recipe "
+                        "keeps one), final_raw, or best (max over epochs and raw/EMA, optimistic) [the row's or paper's "
+                        "`report:` field, else final]")
     p.add_argument("--quiet", action="store_true", help="do not print the table")
     return p
 
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         doc = load_expected(args.paper, args.expected)
         if not Path(args.runs).is_dir():
             print(f"note: runs folder {args.runs} does not exist; every row is missing", file=sys.stderr)
-        results = compare(doc, collect_runs(args.runs), args.smoke_epoch_frac)
+        results = compare(doc, collect_runs(args.runs), args.smoke_epoch_frac, args.report)
         md, cs = write_tables(doc, results, args.out)
         if not args.quiet:
             print(md.read_text())

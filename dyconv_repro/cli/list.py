@@ -72,7 +72,17 @@ def main(argv: list[str] | None = None) -> None:
     secs = sections()
     parser = argparse.ArgumentParser(prog="dyconv-list", description=__doc__)
     parser.add_argument("what", nargs="?", default="all", choices=[*secs, "all"])
+    parser.add_argument("--write", nargs="?", const="results/tables/recipes.md", default=None, metavar="PATH",
+                        help="with `recipes`: write the page of every row's composed recipe and the source of each "
+                             "value (default results/tables/recipes.md)")
     args = parser.parse_args(argv)
+    if args.write:
+        if args.what != "recipes":
+            parser.error("--write goes with `dyconv-list recipes`")
+        from dyconv_repro.results.recipes import write_page
+
+        print(f"wrote {write_page(args.write)}")
+        return
     try:
         _print(secs, args.what)
     except BrokenPipeError:  # `dyconv-list | head`

@@ -202,24 +202,21 @@ def _run_streaming(argv: list[str]) -> tuple[int, str]:
 def check_data(rows: list[dict], args) -> None:
     """Build each distinct dataset the local runs would train on once, before launching anything: missing
     data is one UserError here instead of the same failure once per row and seed."""
-    from hydra import compose, initialize_config_dir
-
-    from dyconv_repro.config_dir import config_dir
+    from dyconv_repro.config import compose
     from dyconv_repro.data import build_dataset
 
     seen = set()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        for row in rows:
-            over = [f"experiment={row['id']}", *(smoke_overrides(row, args.smoke_data) if args.smoke else []),
-                    *[o for o in args.extra if "=" in o and not o.startswith(("hydra", "-"))]]
-            try:
-                cfg = compose("train", overrides=over)
-            except Exception:  # noqa: BLE001 - a row that does not compose fails in its own run, as before
-                continue
-            key = repr(sorted((k, str(v)) for k, v in cfg.data.items()))
-            if key not in seen:
-                seen.add(key)
-                build_dataset(cfg.data, "train", cfg.recipe)
+    for row in rows:
+        over = [f"experiment={row['id']}", *(smoke_overrides(row, args.smoke_data) if args.smoke else []),
+                *[o for o in args.extra if "=" in o and not o.startswith(("hydra", "-"))]]
+        try:
+            cfg = compose(over)
+        except UserError:  # a row that does not compose fails in its own run, as before
+            continue
+        key = repr(sorted((k, str(v)) for k, v in cfg.data.items()))
+        if key not in seen:
+            seen.add(key)
+            build_dataset(cfg.data, "train", cfg.recipe)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,6 +111,7 @@ class RefocusConfig:  # RefConv
 @dataclass
 class RecipeConfig:
     name: str = key()
+    source: str = key()                         # where the values come from (configs/recipe/<name>.yaml header)
     epochs: int = key(gt=0)
     batch_size: int = key(gt=0)
     accumulate_steps: int = key(gt=0)
@@ -119,6 +120,8 @@ class RecipeConfig:
     optimizer: str = key()
     momentum: float = key(ge=0, lt=1)
     nesterov: bool = key()
+    rmsprop_decay: float = key(gt=0, lt=1)
+    opt_eps: float = key(gt=0)
     weight_decay: float = key(ge=0)
     wd_skip_bn_bias: bool = key()
     scheduler: str = key(choices=("cosine", "step", "multistep", "linear", "none"))
@@ -138,6 +141,7 @@ class RecipeConfig:
     temperature: TemperatureConfig | None = key()
     structural_reg: StructuralRegConfig | None = key()
     refocus: RefocusConfig | None = key()
+    provenance: dict[str, str] = key(factory=dict)  # key -> note for a value that departs from `source`
 
 
 @dataclass
@@ -194,6 +198,7 @@ class TrainConfig:
     pipeline: list[PipelineStage] | None = key(None)  # multi-stage runs (pipeline/stages.py)
     stage: str | None = key(None)               # set by the pipeline for each stage
     experiment_id: str | None = key(None)       # experiment/<paper>/<row> the run was composed from
+    provenance: dict[str, str] = key(factory=dict)  # a row's departures: full key (model.dropout) -> why
 
 
 GROUPS = ("data", "model", "op", "policy", "recipe", "trainer", "logger")

@@ -34,8 +34,8 @@ class WandbLogger:
         try:
             import wandb
 
-            self.run = wandb.init(project=cfg.get("project", "dyconv-repro"), entity=cfg.get("entity"),
-                                  mode=cfg.get("mode", "offline"), dir=str(run_dir), config=config,
+            self.run = wandb.init(project=cfg.project or "dyconv-repro", entity=cfg.entity,
+                                  mode=cfg.mode, dir=str(run_dir), config=config,
                                   name=str(run_dir.relative_to(run_dir.parent.parent)), id=resume_id,
                                   resume="allow", tags=list(cfg.get("tags") or []), reinit=True)
         except Exception as e:  # noqa: BLE001

@@ -18,7 +18,7 @@ _SCHEDULES = ("cosine", "step", "multistep", "linear", "none")
 def effective_lr(recipe) -> float:
     """The linear scaling rule: lr x batch / lr_base_batch when lr_base_batch is set."""
     lr = float(recipe.lr)
-    base = recipe.get("lr_base_batch")
+    base = recipe.lr_base_batch
     return lr * float(recipe.batch_size) / float(base) if base else lr
 
 
@@ -44,15 +44,15 @@ def build_optimizer(model: nn.Module, recipe, no_decay_params: Iterable[torch.Te
     name = str(recipe.optimizer).lower()
     if name not in _OPTIMIZERS:
         raise UserError(f"unknown recipe.optimizer {name!r}; valid: {', '.join(_OPTIMIZERS)}")
-    if name == "sgd" and recipe.get("nesterov", False):
+    if name == "sgd" and recipe.nesterov:
         name = "nesterov"
-    groups = param_groups(model, float(recipe.weight_decay), bool(recipe.get("wd_skip_bn_bias", True)),
+    groups = param_groups(model, float(recipe.weight_decay), bool(recipe.wd_skip_bn_bias),
                           no_decay_params)
     kwargs = {}
     if name in ("sgd", "nesterov", "rmsproptf"):
-        kwargs["momentum"] = float(recipe.get("momentum", 0.9))
+        kwargs["momentum"] = float(recipe.momentum)
     if name == "rmsproptf":
-        kwargs.update(alpha=float(recipe.get("rmsprop_decay", 0.9)), eps=float(recipe.get("opt_eps", 1e-3)))
+        kwargs.update(alpha=float(recipe.rmsprop_decay), eps=float(recipe.opt_eps))
     # weight decay is set per group above; timm must not regroup
     return create_optimizer_v2(groups, opt=_OPTIMIZERS[name], lr=effective_lr(recipe),
                                weight_decay=float(recipe.weight_decay), filter_bias_and_bn=False, **kwargs)
@@ -66,12 +66,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe, epochs: int, steps
     if name == "none":
         return None
     sched = {"linear": "poly"}.get(name, name)
-    decay_rate = 1.0 if name == "linear" else float(recipe.get("decay_rate", 0.1))
+    decay_rate = 1.0 if name == "linear" else float(recipe.decay_rate)
     scheduler, _ = create_scheduler_v2(
-        optimizer, sched=sched, num_epochs=epochs, decay_epochs=float(recipe.get("decay_epochs", 30)),
-        decay_milestones=list(recipe.get("decay_milestones", None) or (90, 180, 270)),
-        decay_rate=decay_rate, min_lr=float(recipe.get("min_lr", 0.0)),
-        warmup_lr=float(recipe.get("warmup_lr", 1e-5)), warmup_epochs=int(recipe.get("warmup_epochs", 0)),
-        warmup_prefix=bool(recipe.get("warmup_prefix", False)), cooldown_epochs=0,
+        optimizer, sched=sched, num_epochs=epochs, decay_epochs=float(recipe.decay_epochs),
+        decay_milestones=list(recipe.decay_milestones),
+        decay_rate=decay_rate, min_lr=float(recipe.min_lr),
+        warmup_lr=float(recipe.warmup_lr), warmup_epochs=int(recipe.warmup_epochs),
+        warmup_prefix=bool(recipe.warmup_prefix), cooldown_epochs=0,
         step_on_epochs=False, updates_per_epoch=steps_per_epoch)
     return scheduler

@@ -258,6 +258,7 @@ class Trainer:
             "best_top1": self.best_top1,
             "best_top5": self.best_top5,
             "best_epoch": self.best_epoch,
+            "best_source": self.best_source,
             "accum": accum,
             "train_time_s": self.train_time,
             "images_seen": self.images_seen,
@@ -293,6 +294,7 @@ class Trainer:
         self.best_top1 = state.get("best_top1", -1.0)
         self.best_top5 = state.get("best_top5", -1.0)
         self.best_epoch = state.get("best_epoch", -1)
+        self.best_source = state.get("best_source")
         self.train_time = float(state.get("train_time_s", 0.0))
         self.images_seen = int(state.get("images_seen", 0))
         log.info("resumed from %s (epoch %d, batch %d, step %d)", path, self.epoch,
@@ -441,7 +443,7 @@ class Trainer:
             self.ema = ModelEmaV3(model, decay=float(cfg.recipe.ema.decay))
         criterion, mixup = self._criterion_and_mixup()
 
-        self.best_top1, self.best_top5, self.best_epoch = -1.0, -1.0, -1
+        self.best_top1, self.best_top5, self.best_epoch, self.best_source = -1.0, -1.0, -1, None
         self.train_time, self.images_seen = 0.0, 0
         batch_skip, accum, rng = 0, {}, None
         self.logger_wandb = None
@@ -669,6 +671,7 @@ class Trainer:
         top1 = max(result["top1"], result.get("ema_top1", -1.0))
         if top1 > self.best_top1:
             self.best_top1, self.best_epoch = top1, self.epoch
+            self.best_source = "ema" if result.get("ema_top1", -1.0) > result["top1"] else "raw"
             self.best_top5 = max(result["top5"], result.get("ema_top5", -1.0))
             if self.info.is_main:
                 best_model = self.ema.module if (self.ema is not None and result.get("ema_top1", -1) >= result["top1"]) \
@@ -697,6 +700,7 @@ class Trainer:
             "best_top1": self.best_top1,
             "best_top5": self.best_top5,
             "best_epoch": self.best_epoch,
+            "best_source": self.best_source,  # raw or ema weights
             "final_top1": last_eval.get("top1"),
             "final_top5": last_eval.get("top5"),
             "final_ema_top1": last_eval.get("ema_top1"),

@@ -18,6 +18,7 @@ import math
 import statistics
 from pathlib import Path
 
+from dyconv_repro.errors import UserError
 from dyconv_repro.results.collect import RunRecord
 from dyconv_repro.results.expected import matches_published
 
@@ -27,7 +28,7 @@ CONVENTION = ("MAdds = multiply-adds at batch 1 including routing/attention and 
               "Ours: mean ± std over n seeds of each run's best top-1.")
 CSV_FIELDS = ("id", "table", "label", "kind", "backbone", "op", "paper_params_m", "ours_params_m", "params_delta_pct",
               "paper_madds_m", "ours_madds_m", "madds_delta_pct", "paper_top1", "paper_top1_alt", "ours_top1_mean",
-              "ours_top1_std", "n", "delta_top1", "tolerance_top1", "status", "complexity", "data", "image_size",
+              "ours_top1_std", "n", "report", "delta_top1", "tolerance_top1", "status", "complexity", "data", "image_size",
               "epochs", "recipe_epochs", "hardware", "source", "conf", "reason")
 
 
@@ -56,8 +57,26 @@ def _runs_for(row: dict, runs: list[RunRecord]) -> list[RunRecord]:
     return mine
 
 
-def compare_row(row: dict, runs: list[RunRecord], smoke_epoch_frac: float = 0.5) -> dict:
-    """One expected row joined with its runs."""
+REPORTS = ("final", "final_raw", "best")
+
+
+def reported_top1(run: RunRecord, report: str = "final") -> float | None:
+    """The top-1 a paper reports: `final` = the last evaluation of the model the recipe ends with (its EMA when
+    the recipe keeps one, as the TF EfficientNet-family code evaluates), `final_raw` = the last evaluation of the
+    raw weights, `best` = the maximum over evaluations and over raw / EMA (optimistic; only when asked)."""
+    if report == "best":
+        value = run.get("best_top1")
+    elif report == "final_raw":
+        value = run.get("final_top1")
+    else:
+        value = run.get("final_ema_top1")
+        value = run.get("final_top1") if value is None else value
+    return None if value is None else float(value)
+
+
+def compare_row(row: dict, runs: list[RunRecord], smoke_epoch_frac: float = 0.5, report: str | None = None) -> dict:
+    """One expected row joined with its runs; `report` (default: the row's `report`, else `final`) picks which
+    top-1 of each run is compared (`reported_top1`)."""
     mine = _runs_for(row, runs)
     done = [r for r in mine if r.status == "finished"]
     tol = row.get("tolerance") or {}
@@ -74,9 +93,12 @@ def compare_row(row: dict, runs: list[RunRecord], smoke_epoch_frac: float = 0.5)
                 reasons.append(f"{r.status} ({r.run_dir.name})")
         out.update(status="missing", complexity="n/c", reason="; ".join(dict.fromkeys(reasons)) or "no run")
         return out
-    top1 = [float(r.get("best_top1")) for r in done if r.get("best_top1") is not None]
+    report = report or row.get("report") or "final"
+    if report not in REPORTS:
+        raise UserError(f"report {report!r} of row {row['id']} is not one of {', '.join(REPORTS)}")
+    top1 = [v for v in (reported_top1(r, report) for r in done) if v is not None]
     mean, std = _mean_std(top1)
-    out.update(ours_top1_mean=mean, ours_top1_std=std, n=len(done))
+    out.update(ours_top1_mean=mean, ours_top1_std=std, n=len(done), report=report)
     data = sorted({str(r.get("data") or r.get("data.name") or "?") for r in done})
     sizes = sorted({int(r.get("image_size") or r.get("data.image_size") or 0) for r in done})
     epochs = [r.get("epochs") for r in done if r.get("epochs") is not None]
@@ -119,9 +141,11 @@ def compare_row(row: dict, runs: list[RunRecord], smoke_epoch_frac: float = 0.5)
     return out
 
 
-def compare(doc: dict, runs: list[RunRecord], smoke_epoch_frac: float = 0.5) -> list[dict]:
-    """Every expected row of `doc` (an expected file) joined with the runs, in file order."""
-    return [compare_row(row, runs, smoke_epoch_frac) for row in doc["rows"]]
+def compare(doc: dict, runs: list[RunRecord], smoke_epoch_frac: float = 0.5, report: str | None = None) -> list[dict]:
+    """Every expected row of `doc` (an expected file) joined with the runs, in file order. The top-1 compared is
+    `report` if given, else the row's or the paper's `report:` field, else `final`."""
+    return [compare_row(row, runs, smoke_epoch_frac, report or row.get("report") or doc.get("report"))
+            for row in doc["rows"]]
 
 
 # ------------------------------------------------------------------------------------------------ rendering
@@ -137,7 +161,10 @@ def _pair(paper, ours, nd) -> str:
 
 def render_markdown(doc: dict, results: list[dict]) -> str:
     """One markdown table per paper table, with the convention stated in the header."""
-    lines = [f"# {doc.get('title', doc.get('paper'))}: paper vs ours", "", CONVENTION, ""]
+    reports = sorted({r.get("report") for r in results if r.get("report")})
+    lines = [f"# {doc.get('title', doc.get('paper'))}: paper vs ours", "", CONVENTION, "",
+             "Top-1 ours: " + (", ".join(reports) or "final") + " (final = the last evaluation of the model the "
+             "recipe ends with, its EMA when the recipe keeps one; best = the maximum over evaluations, optimistic)", ""]
     counts = {}
     for r in results:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
