@@ -57,8 +57,10 @@ def write_run(root: Path, name: str, status="finished", config=None, error=None,
 
 
 def full(exp, seed, top1, params=11.7e6, madds=1820e6, **kw):
-    return dict(experiment=exp, seed=seed, best_top1=top1, params=params, madds=madds, data="imagenet",
-                image_size=224, epochs=100, hardware="H100 x8", **kw)
+    """A finished full-scale run whose final top-1 is `top1` (its best epoch was 0.5 higher)."""
+    return dict(experiment=exp, seed=seed, final_top1=top1, best_top1=None if top1 is None else top1 + 0.5,
+                params=params, madds=madds,
+                data="imagenet", image_size=224, epochs=100, hardware="H100 x8", **kw)
 
 
 @pytest.fixture
@@ -224,3 +226,22 @@ def test_published_rounding_is_part_of_the_tolerance():
     assert not matches_published(1.34, 1.4, 2)
     assert matches_published(42.2, 41, 3) and not matches_published(42.3, 41, 3)  # 3 % wins over +-0.5
     assert not matches_published(6.43, 5.71, 2)
+
+
+def test_compare_reports_the_final_top1_unless_best_is_asked(runs):
+    final = by_id(compare(DOC, collect_runs(runs)))
+    best = by_id(compare(DOC, collect_runs(runs), report="best"))
+    assert final["toy/t1_base"]["ours_top1_mean"] == pytest.approx(70.2) and final["toy/t1_base"]["report"] == "final"
+    assert best["toy/t1_base"]["ours_top1_mean"] == pytest.approx(70.7) and best["toy/t1_base"]["report"] == "best"
+
+
+def test_final_top1_prefers_the_ema_the_recipe_ends_with():
+    from dyconv_repro.results.compare import reported_top1
+
+    class Run(dict):
+        def get(self, k, d=None):
+            return super().get(k, d)
+
+    run = Run(final_top1=70.0, final_ema_top1=71.0, best_top1=71.5)
+    assert (reported_top1(run), reported_top1(run, "final_raw"), reported_top1(run, "best")) == (71.0, 70.0, 71.5)
+    assert reported_top1(Run(final_top1=70.0, best_top1=71.5)) == 70.0

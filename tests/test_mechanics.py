@@ -83,7 +83,7 @@ def test_refconv_pipeline_baseline_refocus_deploy(tmp_path):
     overrides = [f"output_dir={tmp_path / 'runs'}", "trainer.progress=false", "op=refconv", "trainer.epochs=2",
                  "trainer.max_steps_per_epoch=4", "recipe.batch_size=32", "+recipe.refocus={freeze_bn: false}",
                  "run_name=refconv_pipe",
-                 "+pipeline=[{name: baseline, overrides: ['op=conv', '~recipe.refocus']}, "
+                 "+pipeline=[{name: baseline, overrides: ['op=conv', 'recipe.refocus=null']}, "
                  "{name: refocus, init_from: baseline, init_ckpt: last}]"]
     cfg = compose(overrides)
     summary = run_pipeline(cfg, overrides)

@@ -5,9 +5,11 @@ run directory; an unrelated run in the same runs folder stays out)."""
 from __future__ import annotations
 
 import itertools
+import re
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from dyconv_repro.config_dir import config_dir
@@ -19,11 +21,10 @@ TINY = ["trainer.epochs=1", "trainer.max_steps_per_epoch=2", "recipe.batch_size=
 # sweep -> the overrides its header comment gives for the offline digits data (slow: the dynamic ops)
 SWEEPS = {
     "lr_wd_grid": ([], False),
+    "temperature": (["op=dynamicconv", "op.kwargs.num_kernels=2"], True),
+    "structured_lam": (["op=structured"], True),
 }
-# Not run yet: `+sweep=structured_lam` / `+sweep=temperature` with the recipe dict given on the command line
-# (as their header comments say) fail in Hydra's override of that dict's key (ConfigKeyError at
-# recipe.structural_reg.lam / recipe.temperature.init) -- open, see the issue-23 report.
-NOT_RUN = {"optuna_lr_wd": "an optional plugin, not a dependency", "structured_lam": "open", "temperature": "open"}
+NOT_RUN = {"optuna_lr_wd": "an optional plugin, not a dependency"}
 
 
 def test_every_shipped_sweep_is_tested():
@@ -69,14 +70,36 @@ def _check(tmp_path, name):
     *rows, best = lines
     assert len(rows) == len(grid), lines  # one row per grid point, the unrelated run left out
     assert all("(n=1)" in r for r in rows), rows
+    def names(r, k, v):  # k=v as a whole token (1 must not match 10.0; a float key prints 1 as 1.0)
+        return re.search(rf"(^|\s){re.escape(k)}=({re.escape(str(v))}|{re.escape(str(float(v)))})(\s|$)", r) \
+            if isinstance(v, (int, float)) else f"{k}={v}" in r
+
     for point in grid:  # every grid point is a row, named by its swept values
-        assert sum(all(f"{k}={v}" in r for k, v in point.items()) for r in rows) == 1, (point, rows)
+        assert sum(all(names(r, k, v) for k, v in point.items()) for r in rows) == 1, (point, rows)
     top = max(s["best_top1"] for s in summaries)
     assert best.startswith("best: ") and f"best_top1 {top:.2f}" in best, (best, top)
 
 
 def test_lr_wd_grid_sweep_and_compare(tmp_path):
     _check(tmp_path, "lr_wd_grid")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["temperature", "structured_lam"])
+def test_mechanics_sweeps_apply_every_grid_value(tmp_path, name):
+    _check(tmp_path, name)
+    trained = []
+    for job in sorted((tmp_path / "runs" / "multirun").glob("*/*/run")):  # what each run's config.yaml recorded
+        saved = yaml.safe_load((job / "config.yaml").read_text())
+        point = {}
+        for key in _grid(name)[0]:
+            node = saved
+            for part in key.split("."):
+                node = node[part]
+            point[key] = node
+        trained.append(point)
+    as_set = lambda points: sorted(tuple(sorted((k, float(v)) for k, v in p.items())) for p in points)  # noqa: E731
+    assert as_set(trained) == as_set(_grid(name))  # every grid value was trained, none lost to an override
 
 
 def test_compare_sweep_of_a_folder_without_runs_is_an_error(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -43,9 +44,9 @@ def upgrade_saved_config(cfg: DictConfig) -> DictConfig:
                       "copy_weights": resolved.copy_weights, "role_kwargs": resolved.role_kwargs,
                       "exclude": list(resolved.exclude), "allow_empty": resolved.allow_empty}
     for group, file in (("recipe", "recipe/base.yaml"), ("trainer", "trainer/default.yaml")):
-        defaults = OmegaConf.load(Path(config_dir()) / file)
+        defaults = yaml.safe_load((Path(config_dir()) / file).read_text()) or {}
         for key, value in defaults.items():
-            if key not in cfg[group] and key != "defaults":
+            if key not in cfg[group] and key != "defaults" and value != "???":
                 cfg[group][key] = value
     return cfg
 
