@@ -5,8 +5,8 @@ run directory; an unrelated run in the same runs folder stays out)."""
 from __future__ import annotations
 
 import itertools
-import re
 import json
+import re
 from pathlib import Path
 
 import pytest
