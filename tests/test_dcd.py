@@ -136,3 +136,24 @@ def test_static_weight_is_w0_and_registered():
     assert "dcd" in OPS and OPS.get("dcd").placement == "dcd"
     y = build_op("dcd", 8, 8, 1).train()(torch.randn(1, 8, 1, 1))  # one value per channel: running statistics
     assert y.shape == (1, 8, 1, 1)
+
+
+@pytest.mark.parametrize("cin,cout,k,s,g,rule", LAYERS)
+def test_unfused_official_form_equals_the_fused_kernel(cin, cout, k, s, g, rule):
+    torch.manual_seed(0)
+    op = build_op("dcd", cin, cout, k, stride=s, groups=g, rule=rule, bias=True)
+    _randomize(op)
+    x = torch.randn(2, cin, 8, 8, requires_grad=True)
+    for train in (False, True):
+        op.train(train)
+        gy = torch.randn(op(x).shape)
+        outs = []
+        for fused in (None, False):
+            op.fused = fused
+            y = op(x)
+            (gx,) = torch.autograd.grad(y, x, gy)
+            outs.append((y, gx))
+        op.fused = None
+        torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(outs[1][1], outs[0][1], atol=1e-4, rtol=1e-4)
+    assert "training_form" in DCDConv2d.capabilities()

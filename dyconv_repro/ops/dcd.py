@@ -16,6 +16,8 @@ Following the official liyunsheng13/dcd models (resnet_dcd.py, mobilenetv2_dcd.p
       W(x) = diag(Lambda) W0 + centre(P (I + diag(a2) Phi) diag(a1) Q),  b(x) = P((I + diag(a2) Phi) c1 + c2)
   with BN_i(t) = a_i t + c_i. In training the batch statistics are computed from Q x and Phi z like nn.BatchNorm
   (and update the running statistics once per call).
+- `op.fused = False` runs the official unfused form instead (`training_forward`; equal, tested): cheaper
+  than composing the kernel where C_out * C_in * L exceeds the per-pixel latent path.
 - grouped / depthwise convs have no room for a dense C_out x C_in fusion term: there the op is
   Lambda(x) W0 only (the official models keep depthwise convs static).
 
@@ -199,6 +201,22 @@ class DCDConv2d(DynamicConvOp):
         w = w + centre
         b_dyn = torch.matmul(self.p, (torch.matmul(mix, c1) + c2).unsqueeze(-1)).squeeze(-1)  # (B, C_out)
         return w, b_dyn if bias is None else b_dyn + bias
+
+    def training_forward(self, x: Tensor) -> Tensor:
+        """The official unfused form (op.fused = False): Lambda * conv(x, W0) + P(BN2(Phi z) + z), z = BN1(Q x),
+        with the latent path run per pixel instead of composed into the kernel; equal to the fused form."""
+        lam, phi = self.dynamic_branch(x)
+        y = F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
+        y = y * lam[:, :, None, None]
+        if self.fusion:
+            z1 = self._latent_input(x)
+            a1, c1 = _bn_affine(self.bn1, z1)
+            z = a1[:, None] * z1 + c1[:, None]
+            u = torch.bmm(phi, z)
+            a2, c2 = _bn_affine(self.bn2, u)
+            latent = a2[:, None] * u + c2[:, None] + z
+            y = y + torch.matmul(self.p, latent).view_as(y)
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", latent_dim={self.latent_dim}, rule={self.rule!r}, pool={self.pool}, "
