@@ -11,7 +11,7 @@ Every run is an ordinary `dyconv-train` run under runs/demo/<op>/; the table is 
 summary.json files, so the numbers it prints are the ones those runs produced.
 
 Same backbone, data, recipe and epochs for every row; on top of it each operator gets its paper's
-mechanism where it has one (MECHANICS below): DY-Conv anneals tau 30 -> 1 over the first epoch,
+mechanism where it has one (MECHANICS below): DY-Conv and ODConv anneal tau 30 -> 1 over the first epoch,
 CondConv trains at lr 0.02 (its 8-expert sigmoid mix does not converge at the common lr 0.1 here),
 Structured Convolutions add the structural-regularization loss, RefConv refocuses the static row's
 trained weights (its frozen bases) instead of training from scratch, and MixConv replaces the dense
@@ -44,6 +44,8 @@ def compose(overrides: list[str]):
 MECHANICS = {
     "dynamicconv": (["+recipe.temperature={init: 30, final: 1, epochs: 1, per: step}"],
                     "tau annealed 30->1 over epoch 1"),
+    "odconv": (["+recipe.temperature={init: 30, final: 1, epochs: 1, per: step}"],
+               "K=4; tau annealed 30->1 over epoch 1 (official: over 10 of 100-150 epochs)"),
     "structured": (["+recipe.structural_reg={lam: 8.0, warmup_epochs: 0, exclude_from_wd: true}"],
                    "structural reg. lambda=8; deploy = the equivalent dense conv"),
     "refconv": (["model.init_from={conv_ckpt}", "+recipe.refocus={freeze_bn: false}"],

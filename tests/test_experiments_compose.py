@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from dyconv_repro.config import validate
 from dyconv_repro.config.schema import RecipeConfig
 from dyconv_repro.config_dir import config_dir
+from dyconv_repro.ops import OPS
 
 CONFIGS = Path(config_dir())
 EXPERIMENTS = sorted(p.relative_to(CONFIGS / "experiment").with_suffix("").as_posix()
@@ -34,7 +35,8 @@ def composer():
 
 def test_there_are_experiments():
     papers = {e.split("/")[0] for e in EXPERIMENTS}
-    assert papers == {"condconv", "dynamicconv", "dynet", "weightnet", "mixconv", "structured", "refconv"}
+    assert papers == {"condconv", "dynamicconv", "dynet", "weightnet", "mixconv", "structured", "refconv",
+                      "odconv", "dcd"}
 
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in (CONFIGS / "recipe").glob("*.yaml") if p.stem != "base"))
@@ -90,8 +92,8 @@ def _compose_all(composer, experiments):
             assert c["trainer"]["epochs"] == c["recipe"]["epochs"]
             text = (CONFIGS / "experiment" / f"{exp}.yaml").read_text().splitlines()
             assert text[0] == "# @package _global_" and text[1].startswith("# paper:")
-            if c["op"]["name"] != "dynamicconv":
-                assert not c["recipe"]["temperature"], "a temperature schedule without a dynamicconv op"
+            if "set_temperature" not in OPS.get(c["op"]["name"]).capabilities():
+                assert not c["recipe"]["temperature"], "a temperature schedule without an op that has one"
             if c["op"]["name"] != "structured":
                 assert not c["recipe"]["structural_reg"], "structural_reg without structured layers"
             if c["recipe"]["refocus"]:

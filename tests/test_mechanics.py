@@ -118,3 +118,29 @@ def test_refconv_zero_init_starts_at_the_baseline(make_cfg, tmp_path):
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(ref(x), baseline(x))
+
+
+# the operators after the seven papers (issue 18): temperature (where the op has one), resume and deploy
+AFTER_SEVEN = {"odconv": ["op.kwargs.num_kernels=4", "+recipe.temperature={init: 30, final: 1, epochs: 1, per: step}"],
+               "dcd": []}
+
+
+@pytest.mark.parametrize("op", [o for o in AFTER_SEVEN if o in OPS])
+def test_new_ops_train_resume_exactly_and_deploy(make_cfg, monkeypatch, op):
+    from dyconv_repro.cli.deploy import deploy
+
+    args = [f"op={op}", "trainer.epochs=2", "trainer.max_steps_per_epoch=3", "recipe.batch_size=32",
+            *AFTER_SEVEN[op]]
+    full = train(make_cfg(*args, "run_name=full"))
+    assert full["status"] == "finished"
+    if "temperature" in " ".join(AFTER_SEVEN[op]):
+        taus = [r["temperature"] for r in _metrics(full["run_dir"])]
+        assert 1.0 < taus[0] < 30.0 and taus[1] == 1.0  # annealed 30 -> 1 over the first epoch, then held
+        tau_buffers = [v for k, v in _last(full["run_dir"])["model"].items() if k.endswith("temperature")]
+        assert tau_buffers and all(float(t) == 1.0 for t in tau_buffers)
+    _, resumed = run_killed_then_resumed(make_cfg, monkeypatch, args, kill_step=4)
+    a, b = _last(full["run_dir"])["model"], _last(resumed["run_dir"])["model"]
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=0), k
+    report = deploy([f"ckpt={full['run_dir']}/checkpoints/last.pt", "data=random"])
+    assert report["max_abs_logit_diff"] <= 1e-4 and Path(report["saved"]).is_file()

@@ -63,7 +63,7 @@ class TemperatureAnnealing(Hook):
 
         if set_temperature(trainer.model, self.init) == 0:
             raise UserError("recipe.temperature is set but the model has no operator with a temperature "
-                            "(use op=dynamicconv, or recipe.temperature=null)")
+                            "(use op=dynamicconv or op=odconv, or recipe.temperature=null)")
         self.on_step_start(trainer)
 
     def on_step_start(self, trainer) -> None:

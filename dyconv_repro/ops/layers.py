@@ -69,3 +69,12 @@ def copy_static_into_bank(bank: Tensor, bias_bank: Tensor | None, weight: Tensor
                 bias_bank.zero_()
             else:
                 bias_bank.copy_(bias.detach().to(bias_bank).unsqueeze(0).expand_as(bias_bank))
+
+
+def batch_norm(bn: nn.modules.batchnorm._BatchNorm, z: Tensor) -> Tensor:
+    """`bn(z)`, except that a training batch with one value per channel (batch 1 of a (B, C) routing vector)
+    is normalized with the running statistics instead of raising (nn.BatchNorm refuses it: the batch
+    statistics of one value are degenerate). Routing heads with a BN (ODConv's) stay usable at batch 1."""
+    if bn.training and z.numel() // z.shape[1] <= 1:
+        return F.batch_norm(z, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    return bn(z)
