@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from dyconv_repro.errors import UserError
+from dyconv_repro.models.policy import paper_policy_name
 from dyconv_repro.ops import OPS, build_op
 from dyconv_repro.ops.dcd import DCDConv2d, dcd_dims
 
@@ -133,7 +134,7 @@ def test_static_weight_is_w0_and_registered():
     op = build_op("dcd", 8, 12, 3, bias=True)
     op.load_static_weight(conv.weight, conv.bias)
     assert torch.equal(op.weight, conv.weight) and torch.equal(op.bias, conv.bias)
-    assert "dcd" in OPS and OPS.get("dcd").placement == "dcd"
+    assert "dcd" in OPS and paper_policy_name("dcd") == "dcd"
     y = build_op("dcd", 8, 8, 1).train()(torch.randn(1, 8, 1, 1))  # one value per channel: running statistics
     assert y.shape == (1, 8, 1, 1)
 

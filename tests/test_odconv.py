@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from dyconv_repro.engine.hooks import annealed_temperature
 from dyconv_repro.errors import UserError
+from dyconv_repro.models.policy import paper_policy_name
 from dyconv_repro.ops import OPS, build_op
 from dyconv_repro.ops.odconv import ODConv2d
 
@@ -120,7 +121,7 @@ def test_batch_one_training_uses_running_statistics_and_is_registered():
     op = build_op("odconv", 8, 8, 3).train()
     y = op(torch.randn(1, 8, 5, 5))  # nn.BatchNorm would refuse a batch of one; the op falls back to eval BN
     assert y.shape == (1, 8, 5, 5)
-    assert "odconv" in OPS and OPS.get("odconv").placement == "odconv"
+    assert "odconv" in OPS and paper_policy_name("odconv") == "odconv"
     assert "set_temperature" in ODConv2d.capabilities()
 
 
