@@ -127,3 +127,25 @@ def test_weightnet_replaced_init_matches_official_on_official_1x1_layers():
     op = build_op("weightnet", 116, 116, 1)
     op.init_like(conv.weight)
     assert float(op.fc2.std()) == pytest.approx(official_fc2_std(116, 116, 1, 2, False), rel=0.05)
+
+
+def _modules(name: str, dynamic: bool) -> dict:
+    torch.manual_seed(0)
+    cfg = OmegaConf.create({"name": name, "source": "dyconv", "kwargs": {"dynamic": dynamic}})
+    return dict(build_backbone(cfg, 10, 32).named_modules())
+
+
+@pytest.mark.parametrize("name", ["dy_mobile", "dy_shuffle", "dy_resnet18"])
+def test_dynet_nets_start_at_their_static_twins_init(name):
+    """DyNet's own nets build their dynamic convs directly (no surgery): each starts at the std of the same conv
+    in the static twin (kwargs.dynamic=false), the kaiming-normal(fan_out) the nets give their static convs."""
+    def stds(dynamic: bool) -> dict[str, float]:
+        return {n: effective_std(m, None) if isinstance(m, DyNetConv2d) else float(m.weight.detach().std())
+                for n, m in _modules(name, dynamic).items() if isinstance(m, DyNetConv2d | torch.nn.Conv2d)}
+
+    dyn, static = stds(True), stds(False)
+    dynamic_names = {n for n, m in _modules(name, True).items() if isinstance(m, DyNetConv2d)}
+    assert dynamic_names and dynamic_names <= set(static), name
+    off = [f"{n}: {dyn[n]:.4f} vs {static[n]:.4f}" for n in sorted(dynamic_names)
+           if abs(dyn[n] / static[n] - 1) > TOLERANCE]
+    assert not off, off[:5]
