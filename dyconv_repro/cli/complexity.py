@@ -200,9 +200,9 @@ def render_page(results: dict[str, list[dict]], command: str) -> str:
              "`checked` = rows whose published params and/or MAdds our model matches within 2 % params / 3 % MAdds "
              "(or within the rounding of the printed number: 1.4M covers 1.35-1.45M) after the row's convention "
              "(`units: Mi`: the paper counts in 2^20 units; `count: static_twin`: the paper counts the static convs + FC, "
-             "so the row is counted with op=conv); `widened` = of those, rows that pass only through a per-row "
-             "tolerance with a written reason (listed below); `off` = outside it (the reason, where known, is in the "
-             "row); `unpublished` = the paper gives neither number. Top-1 at paper scale needs the ImageNet/CIFAR runs "
+             "so the row is counted with its `twin` overrides); `widened` = of those, rows that pass only through a per-row "
+             "tolerance with a written reason (listed below); `off` = outside it (the row's `mismatch` says why, where "
+             "known); `unpublished` = the paper gives neither number. Top-1 at paper scale needs the ImageNet/CIFAR runs "
              "(`dyconv-reproduce <paper>` on GPUs); none has been run from this repo yet, so every top-1 is "
              "the paper's only.", "",
              "| paper | tables | rows | params/MAdds checked | widened | off | unpublished | errors | top-1 reproduced |",
