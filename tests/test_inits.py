@@ -1,9 +1,8 @@
 """Initialization: a replaced layer starts at the init scale of the static layer it replaces (issue #22 item 6),
 and WeightNet starts with the official code's statistics.
 
-Measured "kernel std" per operator: the std of the whole kernel bank for CondConv's experts and DY-Conv's
-kernels (the TF CondConv code gives each expert the layer's initializer), the per-sample kernel on a random
-input for DyNet (it runs as that fused kernel; see DyNetConv2d.init_like) and WeightNet, the full
+Measured "kernel std" per operator: the std of the whole kernel bank for the banked ops (CondConv experts,
+DY-Conv kernels, DyNet bases), the per-sample kernel generated on a random input for WeightNet, the full
 kernel W = A alpha for Structured, the refocused kernel for RefConv, the conv's kernel for SE, and for MixConv
 each group's kernel divided by k / k_i (its init scale, see MixConv.init_like)."""
 
@@ -40,9 +39,9 @@ TOLERANCE = 0.15  # the issue's bound on |std(op) / std(static) - 1|
 def effective_std(op, x: torch.Tensor) -> float:
     """The initial kernel std of one replaced layer (module docstring)."""
     with torch.no_grad():
-        if isinstance(op, CondConv2d | DynamicConv2d | CondLinear):
+        if isinstance(op, CondConv2d | DynamicConv2d | DyNetConv2d | CondLinear):
             return float(op.weight.std())
-        if isinstance(op, DyNetConv2d | WeightNetConv2d):
+        if isinstance(op, WeightNetConv2d):
             return float(op.kernel(x)[0].std())
         if isinstance(op, _Structured):
             return float(op.kernel().std())
@@ -130,32 +129,23 @@ def test_weightnet_replaced_init_matches_official_on_official_1x1_layers():
     assert float(op.fc2.std()) == pytest.approx(official_fc2_std(116, 116, 1, 2, False), rel=0.05)
 
 
-def _fused_kernel_stds(model: torch.nn.Module) -> dict[str, float]:
-    """Std of each DyNet op's per-sample kernel, taken during a forward (its block router feeds it there)."""
-    out, hooks = {}, []
-    for n, m in model.named_modules():
-        if isinstance(m, DyNetConv2d):
-            hooks.append(m.register_forward_pre_hook(
-                lambda mod, args, n=n: out.__setitem__(n, effective_std(mod, args[0]))))
-    with torch.no_grad():
-        model.eval()(torch.randn(2, 3, 32, 32))
-    for h in hooks:
-        h.remove()
-    return out
-
-
-def _backbone(name: str, dynamic: bool) -> torch.nn.Module:
+def _modules(name: str, dynamic: bool) -> dict:
     torch.manual_seed(0)
-    return build_backbone(OmegaConf.create({"name": name, "source": "dyconv", "kwargs": {"dynamic": dynamic}}), 10, 32)
+    cfg = OmegaConf.create({"name": name, "source": "dyconv", "kwargs": {"dynamic": dynamic}})
+    return dict(build_backbone(cfg, 10, 32).named_modules())
 
 
 @pytest.mark.parametrize("name", ["dy_mobile", "dy_shuffle", "dy_resnet18"])
 def test_dynet_nets_start_at_their_static_twins_init(name):
-    """DyNet's own nets build their dynamic convs directly (no surgery): each fused kernel starts at the std of
-    the same conv in the static twin (kwargs.dynamic=false), the kaiming-normal(fan_out) of the nets' convs."""
-    dyn = _fused_kernel_stds(_backbone(name, True))
-    static = {n: float(m.weight.detach().std()) for n, m in _backbone(name, False).named_modules()
-              if isinstance(m, torch.nn.Conv2d)}
-    assert dyn and set(dyn) <= set(static), name
-    off = [f"{n}: {dyn[n]:.4f} vs {static[n]:.4f}" for n in sorted(dyn) if abs(dyn[n] / static[n] - 1) > TOLERANCE]
+    """DyNet's own nets build their dynamic convs directly (no surgery): each starts at the std of the same conv
+    in the static twin (kwargs.dynamic=false), the kaiming-normal(fan_out) the nets give their static convs."""
+    def stds(dynamic: bool) -> dict[str, float]:
+        return {n: effective_std(m, None) if isinstance(m, DyNetConv2d) else float(m.weight.detach().std())
+                for n, m in _modules(name, dynamic).items() if isinstance(m, DyNetConv2d | torch.nn.Conv2d)}
+
+    dyn, static = stds(True), stds(False)
+    dynamic_names = {n for n, m in _modules(name, True).items() if isinstance(m, DyNetConv2d)}
+    assert dynamic_names and dynamic_names <= set(static), name
+    off = [f"{n}: {dyn[n]:.4f} vs {static[n]:.4f}" for n in sorted(dynamic_names)
+           if abs(dyn[n] / static[n] - 1) > TOLERANCE]
     assert not off, off[:5]

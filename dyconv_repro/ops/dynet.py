@@ -56,14 +56,8 @@ class DyNetConv2d(DynamicConvOp):
         init_conv_bank_(self.weight.transpose(0, 1), None if self.bias is None else self.bias.t())
 
     def init_like(self, weight: Tensor, bias: Tensor | None = None) -> None:
-        """Surgery: bases drawn so the fused kernel at init (eta ~ 1/2) has the replaced conv's std (bases at
-        2 std / sqrt(g_t)). DyNet runs as that fused static-shaped kernel; bases each at the full std would
-        make it sqrt(g_t)/2 times larger (1.22x at g_t = 6), compounding over a deep net's convs."""
+        """Surgery: draw every base kernel at the replaced conv's scale, not PyTorch's default."""
         init_bank_like_(self.weight, self.bias, weight, bias)
-        with torch.no_grad():
-            self.weight.mul_(2.0 / self.num_bases ** 0.5)
-            if self.bias is not None:
-                self.bias.mul_(2.0 / self.num_bases ** 0.5)
 
     def coefficients(self, x: Tensor) -> Tensor:
         """eta: (B, C_out, g_t) in (0, 1)."""
