@@ -7,6 +7,8 @@ and inside a batch (eval mode); bad config values raise UserError.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -210,19 +212,25 @@ def test_dy_resnet_predictor_has_two_layers():
 
 
 @needs_dynet
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", DYNAMIC)
-def test_dynet_alone_equals_batch(name):
+def test_dynet_alone_equals_batch(name, dtype):
     torch.manual_seed(0)
-    model = build_small(name).eval()
+    model = build_small(name).to(dtype).eval()
     for m in model.modules():  # non-trivial BN statistics
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
-    x = torch.randn(3, 3, 32, 32)
+    x = torch.randn(3, 3, 32, 32, dtype=dtype)
     with torch.no_grad():
         batch = model(x)
         alone = torch.cat([model(x[i:i + 1]) for i in range(3)])
         swapped = model(x.flip(0)).flip(0)
-    torch.testing.assert_close(alone, batch, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(swapped, batch, rtol=1e-4, atol=1e-5)
+        # these arbitrary BN statistics do not normalize: with each base at its backbone init the half-width
+        # Dy-ResNet50 reaches ~6e8 in eval, where fp32 is far off float64 in any evaluation order; fp32 allows the
+        # net's own rounding (batch vs float64), which leaves Dy-ResNet50 to the tight float64 run
+        rounding = 0.0 if dtype == torch.float64 else float((batch - copy.deepcopy(model).double()(x.double())).abs().max())
+    atol = max(1e-5, 4 * rounding)
+    torch.testing.assert_close(alone, batch, rtol=1e-4, atol=atol)
+    torch.testing.assert_close(swapped, batch, rtol=1e-4, atol=atol)
     assert not torch.allclose(batch[0], batch[1])  # the samples really differ

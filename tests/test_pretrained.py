@@ -156,3 +156,58 @@ def test_read_checkpoint_formats(tmp_path):
     torch.save({"foo": 1}, tmp_path / "bad.pt")
     with pytest.raises(UserError, match="no state_dict"):
         read_checkpoint(tmp_path / "bad.pt")
+
+
+def _timm_cc_b0_4e(num_classes: int):
+    """timm's own CondConv EfficientNet-B0 (4 experts), randomly initialized, with non-trivial BN statistics."""
+    import timm
+
+    torch.manual_seed(0)
+    ref = timm.create_model("efficientnet_cc_b0_4e", pretrained=False, num_classes=num_classes)
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return ref.eval()
+
+
+def _ours_cc4(overrides=()):
+    from dyconv_repro.cli.complexity import compose
+
+    return compose(["experiment=condconv/t2_effnet_b0_cc4_ours", "data.image_size=96", "model.cifar_stem=false",
+                    *overrides])
+
+
+def test_timm_condconv_effnet_checkpoint_is_remapped_into_ours(tmp_path, capsys):
+    """Issue #22 item 7: timm's flat expert banks [E, out*in/g*k*k] and per-block `routing_fn` load into our
+    CondConv EfficientNet (block routing) with every tensor remapped, and the two models compute the same."""
+    c = _ours_cc4()
+    ref = _timm_cc_b0_4e(int(c.data.num_classes))
+    path = tmp_path / "efficientnet_cc_b0_4e.pth"
+    torch.save(ref.state_dict(), path)
+    c.model.init_from = str(path)
+    ours = build_model(c).eval()
+    out = capsys.readouterr().out
+    assert "remapped from the timm CondConv2d layout" in out and "0 missing, 0 unexpected, 0 shape-mismatched" in out
+    bns = dict(ours.named_modules())
+    for name, m in ref.named_modules():  # BN eps/momentum are not in a state dict: compare the same arithmetic
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eps = bns[name].eps
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_condconv_checkpoint_that_cannot_be_remapped_is_refused_in_one_line(tmp_path):
+    """Without block routing each of our CondConvs has its own router: timm's block `routing_fn` has no exact
+    equivalent, so the load stops and names the keys."""
+    c = _ours_cc4(["policy.block_routing=false"])
+    path = tmp_path / "efficientnet_cc_b0_4e.pth"
+    torch.save(_timm_cc_b0_4e(int(c.data.num_classes)).state_dict(), path)
+    c.model.init_from = str(path)
+    with pytest.raises(UserError) as e:
+        build_model(c)
+    msg = str(e.value)
+    assert "\n" not in msg and "does not fit the model" in msg
+    assert "routing_fn" in msg and "router.weight" in msg

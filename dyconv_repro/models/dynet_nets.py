@@ -234,6 +234,10 @@ class DyNetClassifier(nn.Module):
         for m in self.modules():
             if type(m) is nn.Conv2d:
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif callable(getattr(m, "init_like", None)) and hasattr(m, "kernel_size"):
+                # a dynamic conv starts at the init of the static conv it stands for (the Fix- twin's)
+                w = torch.empty(m.out_channels, m.in_channels // m.groups, *m.kernel_size)
+                m.init_like(nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu"))
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)

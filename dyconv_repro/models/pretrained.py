@@ -135,10 +135,45 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
     return rep
 
 
+def timm_condconv_layout(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm's CondConv EfficientNet (`efficientnet_cc_b0_4e`, ...) -> ours: CondConv2d stores the experts flat,
+    weight [E, out*in/g*k*k] (each row one (out, in/g, k, k) kernel), and each block's router as `routing_fn`
+    (Linear on the pooled block input, sigmoid), which is our block router `block_router.heads.0.body`. Only
+    exact equivalents are renamed/reshaped; anything else is left for check_state_dict to report."""
+    own = model.state_dict()
+    out = {}
+    for k, v in state_dict.items():
+        target = own.get(k)
+        if (target is not None and v.dim() == 2 and target.dim() == 5 and v.shape[0] == target.shape[0]
+                and v.numel() == target.numel()):
+            out[k] = v.reshape(target.shape)
+            continue
+        head, sep, tail = k.rpartition(".routing_fn.")
+        renamed = f"{head}.block_router.heads.0.body.{tail}" if sep else None
+        if renamed is not None and k not in own and renamed in own and own[renamed].shape == v.shape:
+            out[renamed] = v
+        else:
+            out[k] = v
+    return out
+
+
+# other libraries' layouts of the same operators: name -> (model, state_dict) -> state_dict; tried in order
+# when a checkpoint does not fit as is, used only when the remapped one fits completely
+LAYOUTS = {"timm CondConv2d": timm_condconv_layout}
+
+
 def load_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, hint: str = "",
                  verbose: bool = True, **allow) -> KeyReport:
-    """Load `state_dict` into `model` after `check_state_dict`; raise UserError unless it fits."""
+    """Load `state_dict` into `model` after `check_state_dict`; a checkpoint in another library's layout of the
+    same operators (LAYOUTS) is remapped when every tensor then fits; otherwise one-line UserError."""
     rep = check_state_dict(model, state_dict, source, **allow)
+    if not rep.ok:
+        for layout, remap in LAYOUTS.items():
+            remapped = remap(model, state_dict)
+            rep2 = check_state_dict(model, remapped, f"{source} (remapped from the {layout} layout)", **allow)
+            if rep2.ok:
+                rep, state_dict = rep2, remapped
+                break
     if verbose:
         print(rep.summary(), flush=True)
     if not rep.ok:

@@ -1,8 +1,9 @@
 """Conv surgery: replace the convs (and, where a paper does, the classifier) that a policy selects.
 
-One pass: infer roles (roles.py), build the operator with the conv's exact geometry, copy the
-original kernel into it where that is meaningful (`load_static_weight`; RefConv always, others when
-`policy.copy_weights`), and swap it in. The returned LayerReport list is what `dyconv-complexity
+One pass: infer roles (roles.py), build the operator with the conv's exact geometry, draw its kernels at
+the replaced layer's init scale (`init_like`), copy the original kernel into it where that is meaningful
+(`load_static_weight`; RefConv always, others when `policy.copy_weights` or the op's `init_from_static`),
+and swap it in. The returned LayerReport list is what `dyconv-complexity
 --layers` prints.
 """
 
@@ -60,7 +61,17 @@ def _build_replacement(report: LayerReport, op_name: str, kwargs: dict) -> nn.Mo
 
 
 def _should_copy(op_cls: type, policy: Policy, new: nn.Module) -> bool:
-    return callable(getattr(new, "load_static_weight", None)) and (policy.copy_weights or op_cls.copies_static_weight)
+    wanted = policy.copy_weights or op_cls.copies_static_weight or bool(getattr(new, "init_from_static", False))
+    return callable(getattr(new, "load_static_weight", None)) and wanted
+
+
+def _init_like_replaced(new: nn.Module, old: nn.Module) -> None:
+    """Draw the operator's kernels at the replaced layer's scale (`init_like`), not PyTorch's default init:
+    the backbone's initializer of that layer is what the paper's code gives each expert/kernel."""
+    init_like = getattr(new, "init_like", None)
+    if callable(init_like):
+        with torch.no_grad():
+            init_like(old.weight.detach(), None if old.bias is None else old.bias.detach())
 
 
 def _is_depthwise(conv: nn.Module) -> bool:
@@ -105,6 +116,7 @@ def swap_convs(model: nn.Module, op_name: str, policy=None, op_kwargs: Mapping |
         except (TypeError, ValueError) as e:
             raise UserError(f"cannot build {op_name} for layer {r.name} ({r.role}, shape {r.shape}): {e}") from None
         new = new.to(device=old.weight.device, dtype=old.weight.dtype).train(old.training)  # buffers made on CPU
+        _init_like_replaced(new, old)
         if _should_copy(op_cls, policy, new):
             with torch.no_grad():
                 new.load_static_weight(old.weight.detach(), None if old.bias is None else old.bias.detach())

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from dyconv_repro.errors import UserError
 from dyconv_repro.ops.engine import BankMix, DynamicConvOp, aggregate, gap
-from dyconv_repro.ops.layers import copy_static_into_bank, init_conv_bank_
+from dyconv_repro.ops.layers import copy_static_into_bank, init_bank_like_, init_conv_bank_
 from dyconv_repro.ops.registry import OPS
 from dyconv_repro.ops.routing import SharedHead
 
@@ -79,6 +79,10 @@ class CondLinear(nn.Module):
             y = y + r @ self.bias
         return y.reshape(*lead, self.out_features)
 
+    def init_like(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        """Surgery: draw each expert at the replaced nn.Linear's scale (TF: each expert gets the layer's initializer)."""
+        init_bank_like_(self.weight, self.bias, weight, bias)
+
     def load_static_weight(self, weight: Tensor, bias: Tensor | None = None) -> None:
         """Copy a static nn.Linear's weight (and bias) into every expert."""
         copy_static_into_bank(self.weight, self.bias, weight, bias, "CondLinear")
@@ -124,6 +128,10 @@ class CondConv2d(DynamicConvOp):
     def kernel_factors(self, x: Tensor):
         r = self.routing_weights(x)
         return r, self.weight, None if self.bias is None else aggregate(r, self.bias), BankMix
+
+    def init_like(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        """Surgery: draw each expert at the replaced conv's scale (TF: each expert gets the layer's initializer)."""
+        init_bank_like_(self.weight, self.bias, weight, bias)
 
     def load_static_weight(self, weight: Tensor, bias: Tensor | None = None) -> None:
         """Copy a static conv's kernel (and bias) into every expert."""

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from dyconv_repro.errors import UserError
 from dyconv_repro.ops.engine import BankMix, DynamicConvOp, aggregate, gap
-from dyconv_repro.ops.layers import copy_static_into_bank, init_conv_bank_, mlp_head
+from dyconv_repro.ops.layers import copy_static_into_bank, init_bank_like_, init_conv_bank_, mlp_head
 from dyconv_repro.ops.registry import OPS
 from dyconv_repro.ops.routing import SharedHead
 
@@ -66,6 +66,10 @@ class DynamicConv2d(DynamicConvOp):
     def kernel_factors(self, x: Tensor):
         pi = self.attention_weights(x)
         return pi, self.weight, None if self.bias is None else aggregate(pi, self.bias), BankMix
+
+    def init_like(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        """Surgery: draw each of the K kernels at the replaced conv's scale, not PyTorch's default."""
+        init_bank_like_(self.weight, self.bias, weight, bias)
 
     def load_static_weight(self, weight: Tensor, bias: Tensor | None = None) -> None:
         """Copy a static conv's kernel (and bias) into every one of the K kernels."""

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from dyconv_repro.errors import UserError
 from dyconv_repro.ops.engine import DynamicConvOp, gap
-from dyconv_repro.ops.layers import init_conv_bank_, mlp_head
+from dyconv_repro.ops.layers import init_bank_like_, init_conv_bank_, mlp_head
 from dyconv_repro.ops.registry import OPS
 from dyconv_repro.ops.routing import SharedHead
 
@@ -53,6 +53,10 @@ class DyNetConv2d(DynamicConvOp):
     def reset_parameters(self) -> None:
         # each base kernel initialized like an nn.Conv2d kernel of this layer
         init_conv_bank_(self.weight.transpose(0, 1), None if self.bias is None else self.bias.t())
+
+    def init_like(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        """Surgery: draw every base kernel at the replaced conv's scale, not PyTorch's default."""
+        init_bank_like_(self.weight, self.bias, weight, bias)
 
     def coefficients(self, x: Tensor) -> Tensor:
         """eta: (B, C_out, g_t) in (0, 1)."""

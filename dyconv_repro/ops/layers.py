@@ -57,6 +57,32 @@ def init_conv_bank_(bank: Tensor, bias_bank: Tensor | None = None) -> None:
         nn.init.uniform_(bias_bank, -bound, bound)
 
 
+def kernel_std(weight: Tensor) -> float:
+    """The std of a replaced layer's kernel: the scale its backbone's initializer (or its training) gave it."""
+    return float(weight.detach().float().std()) if weight.numel() > 1 else 0.0
+
+
+def draw_like_(tensor: Tensor, weight: Tensor, scale: float = 1.0) -> None:
+    """Fill `tensor` from N(0, scale * std(weight)): a fresh kernel at the replaced layer's init scale."""
+    with torch.no_grad():
+        tensor.normal_(0.0, scale * kernel_std(weight))
+
+
+def init_bank_like_(bank: Tensor, bias_bank: Tensor | None, weight: Tensor, bias: Tensor | None) -> None:
+    """Draw every kernel of a bank (and its bias) independently at the replaced layer's scale.
+
+    The TF CondConv reference gives each expert the layer's own initializer; PyTorch's default
+    kaiming_uniform(a=sqrt(5)) is 2-3x smaller than the kaiming-normal(fan_out) backbones use.
+    """
+    draw_like_(bank, weight)
+    if bias_bank is not None:
+        if bias is None:
+            with torch.no_grad():
+                bias_bank.zero_()
+        else:
+            draw_like_(bias_bank, bias)
+
+
 def copy_static_into_bank(bank: Tensor, bias_bank: Tensor | None, weight: Tensor, bias: Tensor | None,
                           name: str) -> None:
     """Copy a static layer's kernel (and bias) into every slice of a bank (K, *kernel shape)."""

@@ -18,6 +18,7 @@ from torch import nn
 from dyconv_repro.errors import UserError
 from dyconv_repro.ops.base import ConvOp
 from dyconv_repro.ops.engine.dispatch import mixconv_impl
+from dyconv_repro.ops.layers import draw_like_
 from dyconv_repro.ops.registry import OPS
 
 SPLITS = ("equal", "exp")
@@ -135,6 +136,19 @@ class MixConv(ConvOp):
             raise UserError("mixconv: impl='fused' needs groups > 1 (a fused dense conv would not be "
                             "block-diagonal); use impl='split' or 'auto'")
         self.impl = impl
+
+    @torch.no_grad()
+    def init_like(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Surgery: each group's kernel at the replaced conv's scale times k / k_i (the kernel-size part of the
+        fan a backbone's initializer divides by), so a group with the replaced kernel size gets its std."""
+        k = self.kernel_size[0]
+        for conv, (ki, _) in zip(self.convs, self.group_geometry):
+            draw_like_(conv.weight, weight, k / ki)
+            if conv.bias is not None:
+                if bias is None:
+                    conv.bias.zero_()
+                else:
+                    draw_like_(conv.bias, bias)
 
     def fused_weight(self) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int], tuple[int, int]]:
         """One kernel of the largest effective size holding every group's kernel (dilations expanded)."""

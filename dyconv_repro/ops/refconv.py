@@ -24,6 +24,7 @@ from torch import nn
 
 from dyconv_repro.errors import UserError
 from dyconv_repro.ops.base import ConvOp
+from dyconv_repro.ops.layers import draw_like_
 from dyconv_repro.ops.registry import OPS
 
 INITS = ("zero", "xavier", "default")
@@ -85,6 +86,16 @@ class RefConv(ConvOp):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.refocused_weight(), self.bias, self.stride, self.padding, self.dilation,
                         self.groups)
+
+    @torch.no_grad()
+    def init_like(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Surgery: a random basis is drawn at the replaced conv's scale (a pretrained one is then copied over)."""
+        draw_like_(self.weight, weight)
+        if self.bias is not None:
+            if bias is None:
+                self.bias.zero_()
+            else:
+                draw_like_(self.bias, bias)
 
     @torch.no_grad()
     def load_static_weight(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:

@@ -42,6 +42,11 @@ class SEConv(ConvOp):
         return self.se(self.conv(x))
 
     @torch.no_grad()
+    def init_like(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Surgery: the static conv keeps the replaced conv's own kernel (the backbone's init draw)."""
+        self.load_static_weight(weight, bias)
+
+    @torch.no_grad()
     def load_static_weight(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         """Copy the replaced conv's kernel (and bias) into the static conv."""
         if weight.shape != self.conv.weight.shape:

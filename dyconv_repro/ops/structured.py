@@ -38,6 +38,7 @@ from torch.nn.modules.utils import _pair
 from dyconv_repro.errors import UserError
 from dyconv_repro.ops.base import ConvOp
 from dyconv_repro.ops.engine import dispatch
+from dyconv_repro.ops.layers import draw_like_, kernel_std
 from dyconv_repro.ops.registry import OPS
 
 MODES = ("regularize", "parameterize")
@@ -135,6 +136,22 @@ class _Structured(nn.Module):
         w = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
         resid = w - self.build(self.project(w))
         return resid.norm() / w.norm().clamp_min(1e-12)
+
+    @torch.no_grad()
+    def init_like(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Surgery: draw the kernel (parameterize: alpha scaled so W = A alpha) at the replaced layer's scale."""
+        std = kernel_std(weight)
+        if self.mode == "regularize":
+            self.weight.normal_(0.0, std)
+        else:
+            self.alpha.normal_()
+            rms = self.build(self.alpha).square().mean().sqrt().clamp_min(1e-12)
+            self.alpha.mul_(std / rms)
+        if self.bias is not None:
+            if bias is None:
+                self.bias.zero_()
+            else:
+                draw_like_(self.bias, bias)
 
     @torch.no_grad()
     def load_static_weight(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:

@@ -9,6 +9,13 @@ the block's shared x_gap under block routing); a = sigmoid(fc1(x_gap)) in R^{M*C
 maps M/G activations to C_in/g*k*k/G kernel entries (lambda = M/G). Depthwise mode
 (groups == C_in == C_out): fc1 -> (M/G)*C, fc2 (M/G)*C -> C*k*k with groups = C.
 fc2 is stored as a (groups, entries per group, M/G) tensor: the official conv weight, reshaped.
+
+Init (official `_initialize_weights`): every 1x1 conv N(0, 1/weight.shape[1]) with bias 0, in MegEngine's
+layout, where a grouped weight is (groups, out/groups, in/groups, ...): reduce N(0, 1/C_in), fc1
+N(0, 1/gap_channels), fc2 N(0, 1/entries per group), i.e. N(0, 1/fc2.shape[1]) here (not 1.0, which is
+shape[1] read in PyTorch's layout). `init="official"` keeps fc2 at that; `init="replaced"` (the default
+for surgery into any backbone) scales fc2 so the generated kernel at init (a ~ 1/2) has the replaced conv's
+std, which for a 1x1 layer of the official backbone (std 1/C_in) is the official fc2 std again.
 """
 
 from __future__ import annotations
@@ -20,12 +27,24 @@ from torch import Tensor, nn
 
 from dyconv_repro.errors import UserError
 from dyconv_repro.ops.engine import DynamicConvOp, RowMix, gap
+from dyconv_repro.ops.layers import kernel_std
 from dyconv_repro.ops.registry import OPS
 from dyconv_repro.ops.routing import SharedHead
+
+INITS = ("replaced", "official")
 
 
 def default_gap_channels(in_channels: int) -> int:
     return max(16, int(in_channels) // 16)
+
+
+def official_init_(layer: nn.Linear) -> nn.Linear:
+    """The official code's init of a 1x1 conv: N(0, 1/in_features), bias 0."""
+    with torch.no_grad():
+        nn.init.normal_(layer.weight, 0.0, 1.0 / layer.in_features)
+        if layer.bias is not None:
+            layer.bias.zero_()
+    return layer
 
 
 @OPS.register("weightnet", help="WeightNet: grouped-FC kernel generation from GAP (M=2, G=2; full + depthwise)")
@@ -34,12 +53,16 @@ class WeightNetConv2d(DynamicConvOp):
 
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=None, dilation=1, groups=1,
-                 bias=False, M: int = 2, G: int = 2, gap_channels: int | None = None, *, device=None, dtype=None):
+                 bias=False, M: int = 2, G: int = 2, gap_channels: int | None = None, init: str = "replaced", *,
+                 device=None, dtype=None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
         dd = dict(device=device, dtype=dtype)
         M, G = int(M), int(G)
         if M < 1 or G < 1 or M % G:
             raise UserError(f"weightnet needs M >= 1, G >= 1 and M divisible by G, got M={M}, G={G}")
+        if init not in INITS:
+            raise UserError(f"weightnet: unknown init {init!r}; valid choices: {', '.join(INITS)}")
+        self.init = init
         kh, kw = self.kernel_size
         self.M, self.G = M, G
         self.depthwise = groups > 1 and groups == in_channels == out_channels
@@ -59,13 +82,18 @@ class WeightNetConv2d(DynamicConvOp):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """fc2 ~ N(0, s) with s chosen so the generated kernel at init (a ~ 0.5) has nn.Conv2d's scale."""
-        fan_in = self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
-        conv_std = 1.0 / math.sqrt(3 * fan_in)
-        nn.init.normal_(self.fc2, 0.0, conv_std / (0.5 * math.sqrt(self.fc2.shape[-1])))
+        """The official code's statistics (module docstring)."""
+        official_init_(self.reduce)
+        official_init_(self.fc1)
+        nn.init.normal_(self.fc2, 0.0, 1.0 / self.fc2.shape[1])
         if self.bias is not None:
-            bound = 1.0 / math.sqrt(fan_in)
-            nn.init.uniform_(self.bias, -bound, bound)
+            nn.init.zeros_(self.bias)
+
+    @torch.no_grad()
+    def init_like(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        """Surgery (init="replaced"): fc2 scaled so the kernel generated at a = 1/2 has the replaced conv's std."""
+        if self.init == "replaced":
+            self.fc2.normal_(0.0, kernel_std(weight) / (0.5 * math.sqrt(self.fc2.shape[-1])))
 
     def x_gap(self, x: Tensor) -> Tensor:
         return self.block_input() if self.block_routed else self.reduce(gap(x))
@@ -95,8 +123,8 @@ class WeightNetConv2d(DynamicConvOp):
         """Official ShuffleNetV2: x_gap = reduce(GAP(block input)) once per block, shared by its WeightNets."""
         gap_ch = int(ops[0].gap_channels_arg) if ops[0].gap_channels_arg else default_gap_channels(in_features)
         ref = ops[0].fc2
-        return SharedHead(nn.Linear(in_features, gap_ch, device=ref.device, dtype=ref.dtype), [gap_ch] * len(ops),
-                          share=True)
+        reduce = official_init_(nn.Linear(in_features, gap_ch, device=ref.device, dtype=ref.dtype))
+        return SharedHead(reduce, [gap_ch] * len(ops), share=True)
 
     def attach_block_routing(self, slot, in_features: int) -> None:
         super().attach_block_routing(slot, in_features)
@@ -104,8 +132,8 @@ class WeightNetConv2d(DynamicConvOp):
         if in_features != self.gap_channels:
             ref = self.fc1.weight
             self.gap_channels = in_features
-            self.fc1 = nn.Linear(in_features, self.fc1.out_features).to(device=ref.device, dtype=ref.dtype)
+            self.fc1 = official_init_(nn.Linear(in_features, self.fc1.out_features).to(device=ref.device, dtype=ref.dtype))
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", M={self.M}, G={self.G}, gap_channels={self.gap_channels}"
+        return (super().extra_repr() + f", M={self.M}, G={self.G}, gap_channels={self.gap_channels}, init={self.init!r}"
                 + (", depthwise" if self.depthwise else ""))
