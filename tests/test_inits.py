@@ -2,7 +2,7 @@
 and WeightNet starts with the official code's statistics.
 
 Measured "kernel std" per operator: the std of the whole kernel bank for the banked ops (CondConv experts,
-DY-Conv kernels, DyNet bases), the per-sample kernel generated on a random input for WeightNet, the full
+DY-Conv kernels, DyNet bases, ODConv kernels; DCD's static W0), the per-sample kernel generated on a random input for WeightNet, the full
 kernel W = A alpha for Structured, the refocused kernel for RefConv, the conv's kernel for SE, and for MixConv
 each group's kernel divided by k / k_i (its init scale, see MixConv.init_like)."""
 
@@ -17,9 +17,11 @@ from dyconv_repro.models.policy import Policy
 from dyconv_repro.models.surgery import swap_convs
 from dyconv_repro.ops import OPS, build_op
 from dyconv_repro.ops.condconv import CondConv2d, CondLinear
+from dyconv_repro.ops.dcd import DCDConv2d
 from dyconv_repro.ops.dynamicconv import DynamicConv2d
 from dyconv_repro.ops.dynet import DyNetConv2d
 from dyconv_repro.ops.mixconv import MixConv
+from dyconv_repro.ops.odconv import ODConv2d
 from dyconv_repro.ops.refconv import RefConv
 from dyconv_repro.ops.se import SEConv
 from dyconv_repro.ops.structured import _Structured
@@ -39,7 +41,7 @@ TOLERANCE = 0.15  # the issue's bound on |std(op) / std(static) - 1|
 def effective_std(op, x: torch.Tensor) -> float:
     """The initial kernel std of one replaced layer (module docstring)."""
     with torch.no_grad():
-        if isinstance(op, CondConv2d | DynamicConv2d | DyNetConv2d | CondLinear):
+        if isinstance(op, CondConv2d | DynamicConv2d | DyNetConv2d | CondLinear | ODConv2d | DCDConv2d):
             return float(op.weight.std())
         if isinstance(op, WeightNetConv2d):
             return float(op.kernel(x)[0].std())

@@ -2,8 +2,9 @@
 to eager (issue 23: ResNet-20, one step, inductor on CPU, DYCONV_NATIVE=0; static and CondConv within 2e-4).
 
 torch.compile is refused for the others with one line, because a compiled step that is wrong is silent:
-the loss matches eager while the gradients do not (DY-Conv under inductor). Not yet here: the slow test
-that re-measures every op (and keeps this list current) and the standalone DY-Conv repro script.
+the loss matches eager while the gradients do not (DY-Conv under inductor). tests/test_compile.py (slow tier)
+re-measures the listed ops and fails when a list is out of date; scripts/repro_inductor_dyconv.py is the
+standalone (torch-only) reproduction of the DY-Conv case for an upstream report. An op in neither list is refused.
 """
 
 from __future__ import annotations

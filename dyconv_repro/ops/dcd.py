@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from dyconv_repro.errors import UserError
 from dyconv_repro.ops.engine import DynamicConvOp, gap
+from dyconv_repro.ops.layers import init_bank_like_
 from dyconv_repro.ops.registry import OPS
 
 RULES = ("paper", "resnet", "resnet_basic", "mobilenet_v2")
@@ -140,6 +141,10 @@ class DCDConv2d(DynamicConvOp):
         if self.fusion:
             nn.init.normal_(self.q, 0.0, math.sqrt(2.0 / self.latent_dim))
             nn.init.normal_(self.p, 0.0, math.sqrt(2.0 / self.out_channels))
+
+    def init_like(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        """Surgery: W0 (the static part) at the replaced conv's scale; the latent factors keep their own init."""
+        init_bank_like_(self.weight, self.bias, weight, bias)
 
     def load_static_weight(self, weight: Tensor, bias: Tensor | None = None) -> None:
         """W0 := the replaced conv's kernel (and bias): DCD's static part is exactly that layer."""

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from dyconv_repro.errors import UserError
 from dyconv_repro.ops.engine import DynamicConvOp, aggregate, gap
-from dyconv_repro.ops.layers import batch_norm
+from dyconv_repro.ops.layers import batch_norm, init_bank_like_
 from dyconv_repro.ops.registry import OPS
 
 MIN_HIDDEN = 16  # the official Attention's min_channel
@@ -83,6 +83,11 @@ class ODConv2d(DynamicConvOp):
         nn.init.kaiming_normal_(self.fc.weight, mode="fan_out", nonlinearity="relu")
         if self.bias is not None:
             nn.init.zeros_(self.bias)
+
+    def init_like(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        """Surgery: every kernel of the bank at the replaced conv's scale (the official kaiming-normal fan_out is
+        what the paper's torchvision backbones use, so on them this is the official init)."""
+        init_bank_like_(self.weight, self.bias, weight, bias)
 
     def set_temperature(self, t: float) -> None:
         if float(t) <= 0:
