@@ -10,6 +10,9 @@ one place, `dispatch.select_path`.
 * ``matmul``: a 1x1, zero-padding, one-group kernel as a batched matmul (stride = subsampling first); keeps
               channels_last inputs channels_last.
 * ``loop``  : one plain conv per sample.
+* ``export``: unfold + batched matmul with the batch the only free dimension (no batch-dependent group count,
+              no per-sample Python loop, no layout branch): the one path a tracer or exporter sees
+              (`dispatch.exporting()`), so that an ONNX / torch.export file takes any batch size.
 """
 
 from __future__ import annotations
@@ -102,5 +105,34 @@ def loop_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding,
     return torch.cat(outs, 0)
 
 
+def export_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int,
+                  kernel_shape=None) -> Tensor:
+    """Per-sample kernels as unfold + batched matmul: only the batch is left symbolic.
+
+    The fold puts the batch into the conv's group count and the loop unrolls it, so neither gives an exported
+    graph that accepts another batch size; here the batch appears only as the leading (-1) dimension of
+    reshapes. `kernel_shape` (C_out, C_in/g, kh, kw) as Python ints (the op's) keeps the kernel size a constant
+    of the graph where a tracer would otherwise record it as the size of a computed tensor (the legacy ONNX
+    exporter refuses a non-constant unfold kernel).
+    """
+    c_out, cin_g, kh, kw = tuple(kernel_shape) if kernel_shape is not None else weight.shape[1:]
+    h, w = x.shape[-2:]
+    (sh, sw), (ph, pw), (dh, dw) = tuple(stride), tuple(padding), tuple(dilation)
+    h_out = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    w_out = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    taps, cout_g = cin_g * kh * kw, c_out // groups
+    if (kh, kw, ph, pw) == (1, 1, 0, 0):  # 1x1: the (subsampled) map is already the column matrix
+        cols = (x[:, :, ::sh, ::sw] if (sh, sw) != (1, 1) else x).flatten(2)
+    else:
+        cols = F.unfold(x, (kh, kw), (dh, dw), (ph, pw), (sh, sw))
+    cols = cols.unflatten(1, (groups, taps))  # (B, g, taps, L)
+    if cout_g == 1 and cin_g == 1:  # depthwise: a per-channel weighted sum of the taps
+        y = (cols * weight.reshape(-1, groups, taps, 1)).sum(2)
+    else:
+        y = torch.matmul(weight.reshape(-1, groups, cout_g, taps), cols)
+    y = y.reshape(-1, c_out, h_out, w_out)
+    return y if bias is None else y + bias.reshape(-1, c_out, 1, 1)
+
+
 # name -> implementation; backends add their own (e.g. the CPU backend's native depthwise kernel)
-PATHS = {"fold": fold_conv2d, "matmul": matmul_path, "loop": loop_conv2d}
+PATHS = {"fold": fold_conv2d, "matmul": matmul_path, "loop": loop_conv2d, "export": export_conv2d}
