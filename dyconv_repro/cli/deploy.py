@@ -26,15 +26,9 @@ USAGE = "usage: dyconv-deploy ckpt=PATH [data=val|random] [tolerance=1e-4] [deco
 def deploy(argv: list[str]) -> dict:
     import torch
 
-    from dyconv_repro.cli.eval import load_run_config
-    from dyconv_repro.engine.checkpoint import (
-        load_checkpoint,
-        load_model_state_strict,
-        model_state_from,
-        save_atomic,
-    )
+    from dyconv_repro.cli.eval import load_trained_model
+    from dyconv_repro.engine.checkpoint import save_atomic
     from dyconv_repro.engine.trainer import resolve_device
-    from dyconv_repro.models.build import build_model
     from dyconv_repro.models.deploy import baseline_config, decompose_mode, deploy_model
 
     kv, rest = parse_overrides(argv)
@@ -47,13 +41,8 @@ def deploy(argv: list[str]) -> dict:
     out = Path(kv.pop("out")) if "out" in kv else None
     if source not in ("val", "random"):
         raise UserError(f"data must be val or random, got {source!r}")
-    state = load_checkpoint(path)
-    cfg = OmegaConf.merge(load_run_config(path, state), OmegaConf.from_dotlist([f"{k}={v}" for k, v in kv.items()]))
-    OmegaConf.update(cfg, "model.init_from", None, force_add=True)
-    OmegaConf.update(cfg, "model.pretrained", False, force_add=True)
+    model, cfg, _ = load_trained_model(path, kv)
     device = resolve_device(str(cfg.trainer.get("device", "auto")))
-    model = build_model(cfg)
-    load_model_state_strict(model, model_state_from(state), what=f"checkpoint {path}")
     size = int(cfg.data.image_size)
     loader = None
     if source == "val":

@@ -26,15 +26,41 @@ def load_run_config(ckpt_path: Path, state: dict):
     raise UserError(f"{ckpt_path} carries no config and no config.yaml was found next to it")
 
 
+def checkpoint_path(value) -> Path:
+    """A checkpoint file as given, or for a run directory its checkpoints/best.pt (else last.pt)."""
+    path = Path(value)
+    if path.is_dir():
+        for cand in (path / "checkpoints" / "best.pt", path / "checkpoints" / "last.pt", path / "best.pt",
+                     path / "last.pt"):
+            if cand.is_file():
+                return cand
+        raise UserError(f"{path} is a directory without checkpoints/best.pt or checkpoints/last.pt")
+    return path
+
+
+def load_trained_model(path: Path, overrides: dict):
+    """(model, cfg, state): the model rebuilt from the checkpoint's config (+ `key=value` overrides, no
+    pretrained / init_from weights) with the checkpoint's weights loaded strictly."""
+    from dyconv_repro.engine.checkpoint import load_checkpoint, load_model_state_strict, model_state_from
+    from dyconv_repro.models.build import build_model
+
+    state = load_checkpoint(path)
+    cfg = load_run_config(path, state)
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides.items()]))
+    OmegaConf.update(cfg, "model.init_from", None, force_add=True)
+    OmegaConf.update(cfg, "model.pretrained", False, force_add=True)
+    model = build_model(cfg)
+    load_model_state_strict(model, model_state_from(state), what=f"checkpoint {path}")
+    return model, cfg, state
+
+
 @user_errors_exit
 def evaluate_checkpoint(argv: list[str]) -> dict:
     import torch
 
     from dyconv_repro.data import build_dataset
-    from dyconv_repro.engine.checkpoint import load_checkpoint, load_model_state_strict, model_state_from
     from dyconv_repro.engine.evaluate import evaluate
     from dyconv_repro.engine.trainer import resolve_device
-    from dyconv_repro.models.build import build_model
 
     kv, rest = parse_overrides(argv)
     if rest:
@@ -45,14 +71,8 @@ def evaluate_checkpoint(argv: list[str]) -> dict:
     split = kv.pop("split", "val")
     if split not in ("train", "val"):
         raise UserError(f"split must be train or val, got {split!r}")
-    state = load_checkpoint(path)
-    cfg = load_run_config(path, state)
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in kv.items()]))
-    OmegaConf.update(cfg, "model.init_from", None, force_add=True)
-    OmegaConf.update(cfg, "model.pretrained", False, force_add=True)
+    model, cfg, _ = load_trained_model(path, kv)
     device = resolve_device(str(cfg.trainer.get("device", "auto")))
-    model = build_model(cfg)
-    load_model_state_strict(model, model_state_from(state), what=f"checkpoint {path}")
     model.to(device)
     dataset = build_dataset(cfg.data, split, cfg.recipe)
     loader = torch.utils.data.DataLoader(dataset, batch_size=int(cfg.recipe.batch_size), shuffle=False,
