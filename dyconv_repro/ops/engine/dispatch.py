@@ -13,8 +13,8 @@ type first; each hook may decline by returning None, and the default rule runs. 
   against code it does not share.
 
 **Export form.** While the model is traced or exported (`exporting()`: `torch.jit.trace`, `torch.onnx.export`,
-`torch.export`, or inside `export_mode()`) every per-sample conv takes the `export` path (unfold + batched
-matmul, `paths.export_conv2d`) whatever its shape: no backend, no native call, no scratch buffer, no `out=`
+`torch.export`, or inside `export_mode()`) every per-sample conv takes the `export` path (patches + batched
+matmul, depthwise as shifted multiply-adds: `paths.export_conv2d`) whatever its shape: no backend, no native call, no scratch buffer, no `out=`
 write and no branch on the batch size, so that the exported graph takes any batch. Plain `torch.compile` is
 not exporting: it keeps the default rules (its compiled training step was checked against eager in that form,
 engine/compile_check.py), only without the backend.
