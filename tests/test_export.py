@@ -184,6 +184,12 @@ def test_exporting_is_the_one_switch():
             assert dispatch.select_path(call) == "export"
             op.path = "loop"
             torch.testing.assert_close(op(x), eager, atol=1e-5, rtol=1e-5)
+        op.path = "auto"
+        calls = []
+        wrapped = ex.prepare_export(op)
+        wrapped.model.register_forward_pre_hook(lambda m, a: calls.append(dispatch.exporting()))
+        torch.testing.assert_close(wrapped(x), eager, atol=1e-5, rtol=1e-5)
+        assert calls == [True]  # the wrapped model ran in its export form
     assert not dispatch.exporting()
 
 
