@@ -12,11 +12,11 @@ TORCH_PIP := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
 
-install:  ## create .venv and install the package (editable) with the dev extra
+install:  ## create .venv and install the package (editable) with the dev and export extras
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PIP) "torch==2.14.1" "torchvision==0.29.1" || $(BIN)/pip install -q $(TORCH_PIP) torch torchvision
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,export]"
 	$(BIN)/dyconv-native || echo "(optional) native kernels not built: the Python paths are used"
 
 test:  ## fast test suite (what CI runs)

@@ -88,13 +88,13 @@ def _assert_same(got, want, where):
 
 
 def assert_paths_equal_reference(name: str, **kwargs) -> None:
-    """Every path (auto/fold/matmul), NCHW and channels_last, == per-sample loop: outputs and gradients, over
-    the regimes the path selector distinguishes (used for every registered op and by test_new_op.py)."""
+    """Every path (auto/fold/matmul/export), NCHW and channels_last, == per-sample loop: outputs and gradients,
+    over the regimes the path selector distinguishes (used for every registered op and by test_new_op.py)."""
     for cin, cout, k, s, g, b in _regimes():
         op = build_op(name, cin, cout, k, stride=s, groups=g, bias=True, **kwargs)
         x = torch.randn(b, cin, 7, 7)
         y_ref, gx_ref, gp_ref = _grads(op, x, op.reference_forward)
-        paths = ["auto", "fold"] + (["matmul"] if k == 1 and g == 1 else [])
+        paths = ["auto", "fold", "export"] + (["matmul"] if k == 1 and g == 1 else [])
         for path, cl in itertools.product(paths, (False, True)):
             op.path = path
             xx = x.to(memory_format=torch.channels_last) if cl else x

@@ -22,18 +22,6 @@ def user_errors_exit(fn):
     return wrapper
 
 
-def parse_overrides(argv: list[str]) -> tuple[dict, list[str]]:
-    """Split `key=value` tokens (Hydra-style) from flags."""
-    kv, rest = {}, []
-    for tok in argv:
-        if "=" in tok and not tok.startswith("-"):
-            k, v = tok.split("=", 1)
-            kv[k] = v
-        else:
-            rest.append(tok)
-    return kv, rest
-
-
 def split_args(argv: list[str], tool_keys: tuple[str, ...], tool: str, usage: str) -> tuple[dict, list[str]]:
     """(the tool's own `key=value` options, the Hydra overrides for the run's config); `-h/--help` prints the
     usage and the config groups, then exits 0."""

@@ -78,7 +78,9 @@ class MixConv(ConvOp):
     Two exact ways to run it: "split" runs one conv per group and concatenates; "fused" zero-pads every
     group's kernel to the largest size and runs ONE conv (`fused_weight()`; only for groups > 1, costs the
     largest kernel's FLOPs). `impl="auto"` leaves the choice to the engine (`dispatch.mixconv_impl`, by
-    device type); "split" / "fused" force one.
+    device type); "split" / "fused" force one, except while exporting, where the split's plain convs run
+    (the fused kernel would be built inside the exported graph). `reparameterize()` emits the fused conv as a
+    plain nn.Conv2d for deployment.
     """
 
 
@@ -169,11 +171,29 @@ class MixConv(ConvOp):
         pad = self.convs[max(range(len(eff)), key=lambda i: eff[i])].padding
         return weight, bias, pad, (1, 1)
 
+    @torch.no_grad()
+    def reparameterize(self) -> nn.Module:
+        """The plain conv equal to this layer where one exists at the layer's own group structure: one group
+        of kernel sizes (that conv itself), or groups > 1 (the fused kernel, `fused_weight()`, as an
+        nn.Conv2d: a depthwise MixConv becomes a depthwise conv of the largest kernel). With groups=1 and
+        several kernel sizes the equal plain conv is dense with structural zero blocks (g times the MAdds), so
+        the layer is kept (its split form is already plain convs)."""
+        if len(self.convs) == 1:
+            return self.convs[0]
+        if self.groups == 1:
+            return self
+        weight, bias, pad, dil = self.fused_weight()
+        conv = nn.Conv2d(self.in_channels, self.out_channels, weight.shape[-2:], self.stride, pad, dil, self.groups,
+                         bias=bias is not None, device=weight.device, dtype=weight.dtype)
+        conv.weight.copy_(weight)
+        if bias is not None:
+            conv.bias.copy_(bias)
+        return conv
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.convs) == 1:
             return self.convs[0](x)
-        impl = self.impl if self.impl != "auto" else mixconv_impl(self, x)
-        if impl == "fused":
+        if mixconv_impl(self, x) == "fused":
             w, b, pad, dil = self.fused_weight()
             return F.conv2d(x, w, b, self.stride, pad, dil, self.groups)
         xs = torch.split(x, self.in_splits, dim=1)

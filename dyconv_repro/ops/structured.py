@@ -252,13 +252,14 @@ def channel_box_sum(x: torch.Tensor, window: int, dim: int = 1) -> torch.Tensor:
     Cumulative sum + shifted difference: one scan and one subtraction, whatever the window (a pooling
     kernel would cost window additions per output). In fp32 the difference of prefix sums adds an error
     of ~eps * |prefix|, far inside fp32 test tolerances for the channel counts of real layers.
+    Written out of place (the first prefix, then the shifted differences, concatenated): an in-place
+    subtraction into a view of the result is what the legacy ONNX exporter records wrongly.
     """
     n = x.shape[dim] - window + 1
     s = x.cumsum(dim)
-    out = s.narrow(dim, window - 1, n).clone()
-    if n > 1:
-        out.narrow(dim, 1, n - 1).sub_(s.narrow(dim, 0, n - 1))
-    return out
+    if n == 1:
+        return s.narrow(dim, window - 1, 1)
+    return torch.cat([s.narrow(dim, window - 1, 1), s.narrow(dim, window, n - 1) - s.narrow(dim, 0, n - 1)], dim)
 
 
 def _box_sum_shifted(x: torch.Tensor, dim: int, window: int, dilation: int) -> torch.Tensor:

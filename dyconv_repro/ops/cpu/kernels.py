@@ -2,7 +2,8 @@
 
 A native call runs only where it computes exactly what the aten path would: built and not suspended, CPU fp32
 inputs, no CPU autocast (aten would compute in the autocast dtype), no TorchDispatchMode (FlopCounterMode must
-see aten ops), not compiling or tracing (checked first: dynamo must not meet the dispatch-mode query).
+see aten ops), not compiling, tracing or exporting (`dispatch.traced()`, checked first: dynamo must not meet the
+dispatch-mode query, and a tracer records no native call -- it would bake its result into the graph).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from dyconv_repro.ops.cpu import native
-from dyconv_repro.ops.engine.dispatch import exporting
+from dyconv_repro.ops.engine.dispatch import traced
 from dyconv_repro.ops.engine.paths import is_channels_last, is_depthwise
 
 NATIVE_MIX_MIN = 1 << 13  # kernel entries a sample from which the native mix beats mm plus its Python call
@@ -30,7 +31,7 @@ def no_dispatch_mode() -> bool:
 
 def native_for(function: str, *tensors: Tensor):
     """The native module if its `function` may run on these tensors here (see the module docstring)."""
-    if exporting():
+    if traced():  # first: dynamo must not meet the dispatch-mode query, a tracer must not meet a native call
         return None
     kernel = loaded()
     if (kernel is None or not hasattr(kernel, function)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from dyconv_repro.ops.cpu.kernels import loaded, no_dispatch_mode
-from dyconv_repro.ops.engine.dispatch import ConvCall, exporting
+from dyconv_repro.ops.engine.dispatch import ConvCall, traced
 
 LOOP_MIN_MACS = 50_000_000  # dense/grouped: per-sample conv work above which per-sample convs beat the fold
 LOOP_MIN_DW_PIXELS = 1600  # depthwise: output map size (~40^2) above which per-sample convs beat the fold
@@ -25,7 +25,7 @@ def native_depthwise_available(call: ConvCall) -> bool:
     kernel = loaded()
     return (call.depthwise and call.channels_last and call.dtype == torch.float32 and kernel is not None
             and hasattr(kernel, "depthwise_forward") and not torch.is_autocast_enabled("cpu")
-            and not exporting() and no_dispatch_mode())
+            and not traced() and no_dispatch_mode())
 
 
 def select_path(call: ConvCall) -> str:

@@ -8,9 +8,16 @@ A **backend** is an opt-in acceleration for one device type (`Backend`; the CPU 
 itself when `dyconv_repro.ops` is imported). The dispatch point asks the backend registered for the input's device
 type first; each hook may decline by returning None, and the default rule runs. No backend is consulted
 
-- while the model is traced, compiled or exported (`exporting()`): tracers must see plain aten calls;
+- while the model is traced, compiled or exported (`traced()`): tracers must see plain aten calls;
 - inside `backends_disabled()`: the per-sample references, so that fast == reference tests check a backend
   against code it does not share.
+
+**Export form.** While the model is traced or exported (`exporting()`: `torch.jit.trace`, `torch.onnx.export`,
+`torch.export`, or inside `export_mode()`) every per-sample conv takes the `export` path (patches + batched
+matmul, depthwise as shifted multiply-adds: `paths.export_conv2d`) whatever its shape: no backend, no native call, no scratch buffer, no `out=`
+write and no branch on the batch size, so that the exported graph takes any batch. Plain `torch.compile` is
+not exporting: it keeps the default rules (its compiled training step was checked against eager in that form,
+engine/compile_check.py), only without the backend.
 
 Removing a backend package leaves a complete, correct library.
 """
@@ -25,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dyconv_repro.ops.engine.paths import PATHS, is_channels_last, is_pointwise
+from dyconv_repro.ops.engine.paths import PATHS, export_conv2d, is_channels_last, is_pointwise
 from dyconv_repro.ops.engine.pooling import pool_tee
 
 
@@ -65,18 +72,24 @@ class ThreadFlag:
 
     def __init__(self):
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self._raised_anywhere = 0  # blocks open in any thread: the common all-clear costs no thread-local lookup
 
     @contextmanager
     def raised(self):
         depth = getattr(self._local, "depth", 0)
         self._local.depth = depth + 1
+        with self._lock:
+            self._raised_anywhere += 1
         try:
             yield
         finally:
             self._local.depth = depth
+            with self._lock:
+                self._raised_anywhere -= 1
 
     def __bool__(self) -> bool:
-        return getattr(self._local, "depth", 0) > 0
+        return self._raised_anywhere > 0 and getattr(self._local, "depth", 0) > 0
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -103,19 +116,52 @@ def backends_disabled():
     return _DISABLED.raised()
 
 
+_EXPORT = ThreadFlag()
+
+
+def _onnx_export_probe() -> Callable[[], bool]:
+    """torch.onnx.is_in_onnx_export without its two imports a call (2 us, on every dynamic layer's dispatch):
+    the flags it reads, bound once; the public function where torch moved them."""
+    try:
+        from torch.onnx._internal.exporter import _flags
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    except ImportError:
+        return torch.onnx.is_in_onnx_export
+    return lambda: GLOBALS.in_onnx_export or _flags._is_onnx_exporting
+
+
+_in_onnx_export = _onnx_export_probe()
+
+
+def export_mode():
+    """Within the block the ops run their export form (`exporting()` is true) without a tracer: what a
+    traced or exported graph computes, in eager mode (equivalence tests, the export benchmark)."""
+    return _EXPORT.raised()
+
+
 def exporting() -> bool:
-    """The model is being compiled, traced or exported: only plain, traceable aten calls may run."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
+    """The model is being traced or exported (torch.jit.trace, torch.onnx.export, torch.export) or runs inside
+    `export_mode()`: the one test of whether the export form runs (see the module docstring)."""
+    if torch.compiler.is_exporting():
+        return True
+    if torch.compiler.is_compiling():
+        return False  # plain torch.compile keeps the default rules (and dynamo meets none of the probes below)
+    return torch._C._is_tracing() or _in_onnx_export() or bool(_EXPORT)
+
+
+def traced() -> bool:
+    """Exporting or compiling: only plain, traceable aten calls may run (no backend, no native code)."""
+    return exporting() or torch.compiler.is_compiling()
 
 
 def backend_for(x: Tensor) -> Backend | None:
-    """The backend for x's device type, or None (none registered, disabled, or exporting)."""
+    """The backend for x's device type, or None (none registered, disabled, exporting or compiling)."""
     return _backend_for_type(x.device.type)
 
 
 def _backend_for_type(device_type: str) -> Backend | None:
     backend = _BACKENDS.get(device_type)
-    if backend is None or _DISABLED or exporting():
+    if backend is None or traced() or _DISABLED:
         return None
     return backend
 
@@ -164,7 +210,10 @@ class ConvCall:
 
 
 def select_path(call: ConvCall) -> str:
-    """The per-sample conv path for `call`: matmul for pointwise kernels, else the backend's choice or fold."""
+    """The per-sample conv path for `call`: export while exporting, matmul for pointwise kernels, else the
+    backend's choice or fold."""
+    if exporting():
+        return "export"
     if call.pointwise:
         return "matmul"
     backend = _backend_for_type(call.device_type)
@@ -178,8 +227,11 @@ def available_paths(x: Tensor | None = None) -> list[str]:
 
 
 def dynamic_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int,
-                   path: str = "auto") -> Tensor:
-    """Convolve sample i of x with weight[i] (+ bias[i]); `path` forces an implementation (tests, benchmarks)."""
+                   path: str = "auto", kernel_shape=None) -> Tensor:
+    """Convolve sample i of x with weight[i] (+ bias[i]); `path` forces an implementation (tests, benchmarks).
+    `kernel_shape`: one sample's kernel shape as Python ints, where the caller knows it (see `export_conv2d`)."""
+    if exporting():  # one batch-symbolic path, whatever was forced (the others bake the batch into the graph)
+        return export_conv2d(x, weight, bias, stride, padding, dilation, groups, kernel_shape)
     if path == "auto":
         path = select_path(ConvCall.of(x, weight, stride, padding, dilation, groups))
     fn = PATHS.get(path)
@@ -202,7 +254,7 @@ def dynamic_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, paddi
 def routing_input(op, x: Tensor) -> Tensor:
     """x, or (training, per-layer routing) an alias of x that carries GAP(x) so that the conv's and the routing's
     gradients of x meet in place (`pooling.pool_tee`)."""
-    if op._slot is None and x.requires_grad and torch.is_grad_enabled() and not exporting():
+    if op._slot is None and x.requires_grad and torch.is_grad_enabled() and not traced():
         return pool_tee(x)
     return x
 
@@ -214,12 +266,12 @@ def run(op, x: Tensor) -> Tensor:
         y = backend.forward(op, x)
         if y is not None:
             return y
-    if op.path == "stream":
+    if op.path == "stream" and not exporting():
         raise ValueError(f"{type(op).__name__}: the stream path is the CPU backend's (kernel_factors(), CPU fp32 "
                          "input); use path='auto'")
     x = routing_input(op, x)
     weight, bias = op.kernel(x)
-    return dynamic_conv2d(x, weight, bias, op.stride, op.padding, op.dilation, op.groups, op.path)
+    return dynamic_conv2d(x, weight, bias, op.stride, op.padding, op.dilation, op.groups, op.path, op.kernel_shape)
 
 
 def bank_mix(coeff: Tensor, bank2d: Tensor) -> Tensor:
@@ -237,8 +289,13 @@ def sum_pool(pool, x: Tensor) -> Tensor:
 
 
 def mixconv_impl(op, x: Tensor) -> str:
-    """'fused' (one conv with zero-padded kernels) or 'split' (one conv per group) for a MixConv with impl=auto.
-    Default 'split': the paper's and timm's form (unmeasured on GPU: a project choice)."""
+    """'fused' (one conv with zero-padded kernels) or 'split' (one conv per group) for a MixConv call: its forced
+    impl, else the backend's choice; 'split' while exporting (plain convs; the fused kernel would be built in the
+    graph) and by default: the paper's and timm's form (unmeasured on GPU: a project choice)."""
+    if exporting():
+        return "split"
+    if op.impl != "auto":
+        return op.impl
     if op.groups == 1:
         return "split"  # a fused dense conv would not be block-diagonal
     backend = backend_for(x)

@@ -10,6 +10,10 @@ one place, `dispatch.select_path`.
 * ``matmul``: a 1x1, zero-padding, one-group kernel as a batched matmul (stride = subsampling first); keeps
               channels_last inputs channels_last.
 * ``loop``  : one plain conv per sample.
+* ``export``: patches (unfold, written as a one-hot conv) + batched matmul, depthwise kernels as shifted
+              multiply-adds, with the batch the only free dimension (no batch-dependent group count, no
+              per-sample Python loop, no layout branch): the one path a tracer or exporter sees
+              (`dispatch.exporting()`), so that an ONNX / torch.export file takes any batch size.
 """
 
 from __future__ import annotations
@@ -102,5 +106,56 @@ def loop_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding,
     return torch.cat(outs, 0)
 
 
+def patches(x: Tensor, channels: int, kh: int, kw: int, stride, padding, dilation) -> Tensor:
+    """F.unfold(x) (B, C*kh*kw, L) as a conv with one one-hot kernel per tap (groups = C): one Conv node in an
+    exported graph, where unfold becomes Gather-based index arithmetic that onnxruntime runs far slower."""
+    taps = kh * kw
+    eye = torch.eye(taps, dtype=x.dtype, device=x.device).reshape(taps, 1, kh, kw).repeat(channels, 1, 1, 1)
+    return F.conv2d(x, eye, None, stride, padding, dilation, channels).flatten(2)
+
+
+def depthwise_taps(x: Tensor, weight: Tensor, kh: int, kw: int, h_out, w_out, stride, padding, dilation) -> Tensor:
+    """Per-sample depthwise conv as sum_t weight[:, :, t] * (x shifted by tap t): strided slices, multiplies and
+    adds (no kh*kw-fold patch tensor). weight (B, C, kh*kw)."""
+    (sh, sw), (ph, pw), (dh, dw) = tuple(stride), tuple(padding), tuple(dilation)
+    if ph or pw:
+        x = F.pad(x, (pw, pw, ph, ph))
+    y = None
+    for i in range(kh):
+        for j in range(kw):
+            tap = x[:, :, i * dh:i * dh + sh * (h_out - 1) + 1:sh, j * dw:j * dw + sw * (w_out - 1) + 1:sw]
+            term = tap * weight[:, :, i * kw + j].unsqueeze(-1).unsqueeze(-1)
+            y = term if y is None else y + term
+    return y
+
+
+def export_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int,
+                  kernel_shape=None) -> Tensor:
+    """Per-sample kernels as patches (unfold) + batched matmul: only the batch is left symbolic.
+
+    The fold puts the batch into the conv's group count and the loop unrolls it, so neither gives an exported
+    graph that accepts another batch size; here the batch appears only as the leading (-1) dimension of
+    reshapes. `kernel_shape` (C_out, C_in/g, kh, kw) as Python ints (the op's) keeps the kernel size a constant
+    of the graph where a tracer would otherwise record it as the size of a computed tensor (the legacy ONNX
+    exporter refuses a non-constant unfold kernel).
+    """
+    c_out, cin_g, kh, kw = tuple(kernel_shape) if kernel_shape is not None else weight.shape[1:]
+    h, w = x.shape[-2:]
+    (sh, sw), (ph, pw), (dh, dw) = tuple(stride), tuple(padding), tuple(dilation)
+    h_out = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    w_out = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    taps, cout_g = cin_g * kh * kw, c_out // groups
+    if cout_g == 1 and cin_g == 1:  # depthwise: a per-sample, per-channel weighted sum of the shifted maps
+        y = depthwise_taps(x, weight.reshape(-1, c_out, kh * kw), kh, kw, h_out, w_out, stride, padding, dilation)
+        return y if bias is None else y + bias.reshape(-1, c_out, 1, 1)
+    if (kh, kw, ph, pw) == (1, 1, 0, 0):  # 1x1: the (subsampled) map is already the column matrix
+        cols = (x[:, :, ::sh, ::sw] if (sh, sw) != (1, 1) else x).flatten(2)
+    else:
+        cols = patches(x, cin_g * groups, kh, kw, stride, padding, dilation)
+    cols = cols.unflatten(1, (groups, taps))  # (B, g, taps, L)
+    y = torch.matmul(weight.reshape(-1, groups, cout_g, taps), cols).reshape(-1, c_out, h_out, w_out)
+    return y if bias is None else y + bias.reshape(-1, c_out, 1, 1)
+
+
 # name -> implementation; backends add their own (e.g. the CPU backend's native depthwise kernel)
-PATHS = {"fold": fold_conv2d, "matmul": matmul_path, "loop": loop_conv2d}
+PATHS = {"fold": fold_conv2d, "matmul": matmul_path, "loop": loop_conv2d, "export": export_conv2d}
