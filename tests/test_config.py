@@ -107,7 +107,8 @@ def test_apply_overrides_uses_hydra_grammar_and_refuses_group_changes():
         apply_overrides(cfg, ["recipe.lrr=1"])
 
 
-@pytest.mark.parametrize("tool", [["dyconv-eval"], ["dyconv-deploy"], ["dyconv-complexity"], ["dyconv-bench", "model"]])
+@pytest.mark.parametrize("tool", [["dyconv-eval"], ["dyconv-deploy"], ["dyconv-export"], ["dyconv-complexity"],
+                                  ["dyconv-bench", "model"]])
 def test_tools_help_lists_the_config_groups(tmp_path, tool):
     proc = run_cli([*tool, "--help"], cwd=tmp_path, check=True)
     for group in ("data", "model", "op", "policy", "recipe", "trainer", "logger", "experiment"):
