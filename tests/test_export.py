@@ -46,7 +46,7 @@ def overrides(model: str, op: str) -> list[str]:
 @functools.cache
 def built(model: str, op: str, deployed: bool):
     """The model (eval, random weights, seed 0); `deployed`: after deploy_transform(decompose='all')."""
-    from dyconv_repro.analysis.bench_model import compose
+    from dyconv_repro.config import compose
     from dyconv_repro.models.build import build_model_with_report
     from dyconv_repro.models.deploy import deploy_transform
 
@@ -228,7 +228,7 @@ def _tiny_run(tmp_path, op: str = "dynamicconv"):
     """A run directory as the trainer writes it (config.yaml, checkpoints/last.pt and best.pt), untrained."""
     from omegaconf import OmegaConf
 
-    from dyconv_repro.analysis.bench_model import compose
+    from dyconv_repro.config import compose
     from dyconv_repro.models.build import build_model
 
     cfg = compose([f"op={op}", "data.image_size=32"])
@@ -263,7 +263,7 @@ def test_cli_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
     for argv, msg in ([["format=onnx"], "usage: dyconv-export"],
                       [[f"ckpt={tmp_path}", "format=tflite"], "format must be one of onnx, torch_export"],
                       [[f"ckpt={tmp_path}", "format=torch_export", "batch=2"], "batch must be > 2"],
-                      [[f"ckpt={tmp_path}"], "without checkpoints/best.pt"]):
+                      [[f"ckpt={tmp_path}"], "holds no checkpoints/best.pt or last.pt"]):
         with pytest.raises(SystemExit) as e:
             export(argv)
         err = capsys.readouterr().err
