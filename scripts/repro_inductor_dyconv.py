@@ -8,6 +8,11 @@ compared parameter by parameter. `aot_eager` is run as a control (it matches whe
     python scripts/repro_inductor_dyconv.py [--backend inductor] [--batch 8] [--channels 16]
 
 Prints the max relative gradient error per parameter and exits 1 when any exceeds --tol (the mismatch reproduces).
+
+Status (torch 2.14.1, CPU, 2026-12-03): this two-layer reduction does NOT reproduce the mismatch (max relative error
+3.9e-5), and neither does a two-layer net of the project's own DynamicConv2d (3.2e-5), while ResNet-20 with DY-Conv or
+CondConv does (tests/test_compile.py: CondConv median 6.8e-3). The trigger is in the larger graph; the next
+reduction step is ResNet-20 with fewer blocks / stages replaced until the error disappears.
 """
 
 from __future__ import annotations

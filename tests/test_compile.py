@@ -26,8 +26,9 @@ def _grads(model, x, y) -> dict[str, torch.Tensor]:
             if p.grad is not None}
 
 
-def compiled_vs_eager(cfg) -> float:
-    """Max over parameters of |g_compiled - g_eager| / |g_eager| after one step from the same weights."""
+def compiled_vs_eager(cfg) -> tuple[float, float, str]:
+    """(max, median, worst parameter) over parameters of |g_compiled - g_eager| / |g_eager| after one step from the
+    same weights."""
     from dyconv_repro.ops.cpu import native
 
     torch.manual_seed(0)
@@ -38,7 +39,9 @@ def compiled_vs_eager(cfg) -> float:
         torch._dynamo.reset()
         compiled = _grads(torch.compile(copy.deepcopy(model), backend="inductor"), x, y)
     assert eager.keys() == compiled.keys()
-    return max(((compiled[n] - eager[n]).norm() / eager[n].norm().clamp_min(1e-12)).item() for n in eager)
+    rel = {n: ((compiled[n] - eager[n]).norm() / eager[n].norm().clamp_min(1e-12)).item() for n in eager}
+    worst = max(rel, key=rel.get)
+    return rel[worst], sorted(rel.values())[len(rel) // 2], worst
 
 
 @pytest.mark.slow
@@ -50,8 +53,9 @@ def test_compiled_training_step_agrees_with_the_compile_gate(make_cfg, op):
         with pytest.raises(UserError, match="has not been checked against eager"):
             check_compile_supported(op)
         pytest.skip(f"{op}: refused by the compile gate until its compiled step is measured (add it to a list)")
-    err = compiled_vs_eager(cfg)
+    err, median, worst = compiled_vs_eager(cfg)
+    seen = f"max {err:.2e} ({worst}), median {median:.2e}"
     if op in COMPILE_VERIFIED:
-        assert err <= TOL, f"{op}: compiled gradients differ from eager by {err:.2e} (COMPILE_VERIFIED says they match)"
+        assert err <= TOL, f"{op}: compiled gradients differ from eager: {seen} (COMPILE_VERIFIED says they match)"
     else:
-        assert err > TOL, f"{op}: compiled now matches eager ({err:.2e}): move it to COMPILE_VERIFIED"
+        assert err > TOL, f"{op}: compiled now matches eager ({seen}): move it to COMPILE_VERIFIED"
