@@ -31,13 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    """The validated config `dyconv-train <overrides>` would run (the shared composition helper)."""
+    from dyconv_repro.config import compose as compose_config
 
-    from dyconv_repro.config_dir import config_dir
-
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return hydra_compose("train", overrides=overrides)
+    return compose_config(overrides)
 
 
 # op -> (extra Hydra overrides, what the table's note says); {conv_ckpt} = the static row's best.pt
