@@ -36,7 +36,7 @@ def default_out(ckpt: Path, fmt: str) -> Path:
 def export(argv: list[str]) -> dict:
     from dyconv_repro.models.deploy import decompose_mode, deploy_transform
     from dyconv_repro.models.export import DEFAULT_OPSET, FORMATS, export_and_verify, require_onnx
-    from dyconv_repro.pipeline.runs import checkpoint_path, load_run
+    from dyconv_repro.pipeline.runs import load_run
 
     kv, overrides = split_args(argv, TOOL_KEYS, "dyconv-export", USAGE)
     if "ckpt" not in kv:
@@ -55,9 +55,8 @@ def export(argv: list[str]) -> dict:
     decompose = decompose_mode(kv.pop("decompose", "auto"))
     if fmt == "onnx":
         require_onnx()  # before the model is built: a missing extra is one line, not a traceback
-    path = checkpoint_path(kv["ckpt"])
-    out = Path(kv["out"]) if "out" in kv else default_out(path, fmt)
     cfg, model, _, path = load_run(kv["ckpt"], overrides)
+    out = Path(kv["out"]) if "out" in kv else default_out(path, fmt)
     deployed = deploy_transform(model.cpu(), decompose)
     report = export_and_verify(deployed, out, fmt, int(cfg.data.image_size), opset, batch, tolerance)
     report.update(ckpt=str(path), model=str(cfg.model.name), op=str(cfg.op.name), decompose=decompose)

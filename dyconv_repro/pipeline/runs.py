@@ -3,6 +3,7 @@ and `dyconv-export` start from."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import yaml
@@ -36,13 +37,7 @@ def upgrade_saved_config(cfg: DictConfig) -> DictConfig:
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     policy = cfg.get("policy")
     if policy is not None and policy.get("name") in (None, "auto"):
-        resolved = load_policy(policy, str(cfg.op.name))
-        cfg.policy = {"name": resolved.name, "roles": list(resolved.roles),
-                      "kernel_sizes": None if resolved.kernel_sizes is None else list(resolved.kernel_sizes),
-                      "stages": None if resolved.stages is None else list(resolved.stages),
-                      "min_channels": resolved.min_channels, "block_routing": resolved.block_routing,
-                      "copy_weights": resolved.copy_weights, "role_kwargs": resolved.role_kwargs,
-                      "exclude": list(resolved.exclude), "allow_empty": resolved.allow_empty}
+        cfg.policy = dataclasses.asdict(load_policy(policy, str(cfg.op.name)))
     for group, file in (("recipe", "recipe/base.yaml"), ("trainer", "trainer/default.yaml")):
         defaults = yaml.safe_load((Path(config_dir()) / file).read_text()) or {}
         for key, value in defaults.items():
