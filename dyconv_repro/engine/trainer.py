@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 from dyconv_repro.config import validate
 from dyconv_repro.engine import checkpoint as ckpt
 from dyconv_repro.engine import cpu_heap
+from dyconv_repro.engine.bn_recalibration import recalibrate_bn
 from dyconv_repro.engine.device import (
     configure_cuda,
     constant_buffer_names,
@@ -503,7 +504,7 @@ class Trainer:
                 if self.scheduler is not None:
                     self.scheduler.step(self.epoch)
                 if self.epoch % int(cfg.trainer.eval_every) == 0 or self.epoch == epochs:
-                    last_eval = self._evaluate(val_loader)
+                    last_eval = self._evaluate(val_loader, train_loader)
                     record.update({f"val_{k}": v for k, v in last_eval.items()})
                 record.update(epoch=self.epoch, step=self.global_step, time=time.time() - started)
                 logger.log(record)
@@ -661,9 +662,13 @@ class Trainer:
         if step >= 0:
             raise FloatingPointError(f"loss is {value} at step {int(step)}; lower recipe.lr or enable recipe.grad_clip")
 
-    def _evaluate(self, val_loader) -> dict:
+    def _evaluate(self, val_loader, train_loader=None) -> dict:
         kw = dict(info=self.info, amp_dtype=self.amp_dtype, channels_last=bool(self.cfg.trainer.channels_last),
                   max_steps=self.cfg.trainer.max_steps_per_epoch)
+        if int(self.cfg.trainer.bn_recalibrate) > 0 and train_loader is not None:
+            # each rank averages its own shard; the EMA model keeps its averaged buffers
+            recalibrate_bn(self.raw_model, train_loader, self.device, int(self.cfg.trainer.bn_recalibrate),
+                           self.generator, self.amp_dtype, bool(self.cfg.trainer.channels_last))
         result = evaluate(self.raw_model, val_loader, self.device, **kw)
         if self.ema is not None:
             ema = evaluate(self.ema.module, val_loader, self.device, **kw)

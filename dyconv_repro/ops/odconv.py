@@ -14,6 +14,8 @@ The official code multiplies a_c into the input and a_f into the output; as a pe
 same product. As there, a head that would be constant is skipped: a_f for depthwise convs (C_in == C_out ==
 groups), a_s for 1x1 kernels, a_w for K = 1. tau starts at 1.0 like the official module; the official trainer
 anneals it 30 -> 1 linearly per iteration over the first 10 epochs (`recipe.temperature`, as DY-Conv's).
+Training from scratch at tau = 1 is unstable with the official module too (one-batch overfit of ResNet-20 at
+lr 0.05 diverges with either, from the same weights); start at 30 and anneal over many steps.
 The bias (the official op has none) is static and added after the attentions.
 """
 
