@@ -54,7 +54,7 @@ def reference(tmp_path_factory):
     return weights(run_dir(tmp))
 
 
-def check_recovered(tmp_path, reference, first, code: int, status: str, line: str):
+def check_recovered(tmp_path, reference, first, code: int, status: str, line: str, *extra: str):
     """`first` (the faulty process) exited `code` with one line containing `line` (or was killed: code<0);
     then resume=auto finishes the run with nothing lost."""
     assert first.returncode == code, (first.returncode, first.stderr[-3000:])
@@ -64,7 +64,7 @@ def check_recovered(tmp_path, reference, first, code: int, status: str, line: st
         assert json.loads((run_dir(tmp_path) / "summary.json").read_text())["status"] == status
         if status == "failed":
             assert (run_dir(tmp_path) / "error.txt").read_text().strip().splitlines()[-1] == lines[0]
-    resumed = train(tmp_path, "trainer.resume=auto")
+    resumed = train(tmp_path, *extra, "trainer.resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     d = run_dir(tmp_path)
     summary = json.loads((d / "summary.json").read_text())
@@ -176,3 +176,14 @@ def test_resume_auto_on_a_finished_run_trains_nothing(tmp_path):
     proc = train(tmp_path, "trainer.resume=auto")
     assert proc.returncode == 0 and "already finished" in proc.stdout, proc.stdout[-2000:]
     assert len([p for p in (tmp_path / "runs" / "f").iterdir() if not p.is_symlink()]) == 1
+
+
+def test_kill_with_bn_recalibration_resumes_bit_exact(tmp_path):
+    """With BN recalibration before each evaluation (it draws training batches and rewrites the BN buffers), a
+    run killed in epoch 2, after a recalibrated evaluation, resumes to the uninterrupted weights."""
+    recal = "trainer.bn_recalibrate=2"
+    ref = train(tmp_path / "ref", recal)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    reference = weights(run_dir(tmp_path / "ref"))
+    first = train(tmp_path, recal, fault="kill:ckpt:4")  # the 4th checkpoint write: inside epoch 2
+    check_recovered(tmp_path, reference, first, -9, None, None, recal)
