@@ -21,9 +21,11 @@ def test_running_stats_are_the_average_over_the_batches_and_rng_is_untouched():
         feats = [model[0](x) for x, _ in data]
     want_mean = torch.stack([f.mean((0, 2, 3)) for f in feats]).mean(0)
     want_var = torch.stack([f.var((0, 2, 3), unbiased=True) for f in feats]).mean(0)
+    # a shuffled loader over the same batches: iterating it advances its sampler's generator
     gen = torch.Generator().manual_seed(7)
+    loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=torch.utils.data.RandomSampler(data, generator=gen))
     gen_state, global_state = gen.get_state(), torch.get_rng_state()
-    used = recalibrate_bn(model, data, torch.device("cpu"), num_batches=2 + 1, generator=gen)
+    used = recalibrate_bn(model, loader, torch.device("cpu"), num_batches=3, generator=gen)
     assert used == 3
     torch.testing.assert_close(model[1].running_mean, want_mean)
     torch.testing.assert_close(model[1].running_var, want_var)

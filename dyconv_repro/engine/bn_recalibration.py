@@ -20,19 +20,16 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 
 
-def has_batch_norm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
 def recalibrate_bn(model: nn.Module, loader, device: torch.device, num_batches: int,
                    generator: torch.Generator | None = None, amp_dtype: torch.dtype | None = None,
                    channels_last: bool = False) -> int:
     """Set every BatchNorm's running mean/var to the plain average over the first `num_batches` batches of
-    `loader` (images only; no mixup), with the current weights. Returns the number of batches used.
+    `loader` (images only; no mixup), with the current weights. Returns the number of batches used (0 when
+    `num_batches` is 0 or the model has no BatchNorm: update_bn then draws nothing).
 
     `generator` (the loader's sampler generator) and the global RNGs are restored afterwards, so the next
     training epoch sees the same order and augmentations it would have seen without this call."""
-    if num_batches <= 0 or not has_batch_norm(model):
+    if num_batches <= 0:
         return 0
     saved = generator.get_state() if generator is not None else None
     devices = [device.index or 0] if device.type == "cuda" else []
@@ -55,4 +52,4 @@ def recalibrate_bn(model: nn.Module, loader, device: torch.device, num_batches: 
     return used
 
 
-__all__ = ["recalibrate_bn", "has_batch_norm"]
+__all__ = ["recalibrate_bn"]

@@ -662,13 +662,12 @@ class Trainer:
         if step >= 0:
             raise FloatingPointError(f"loss is {value} at step {int(step)}; lower recipe.lr or enable recipe.grad_clip")
 
-    def _evaluate(self, val_loader, train_loader=None) -> dict:
+    def _evaluate(self, val_loader, train_loader) -> dict:
         kw = dict(info=self.info, amp_dtype=self.amp_dtype, channels_last=bool(self.cfg.trainer.channels_last),
                   max_steps=self.cfg.trainer.max_steps_per_epoch)
-        if int(self.cfg.trainer.bn_recalibrate) > 0 and train_loader is not None:
-            # each rank averages its own shard; the EMA model keeps its averaged buffers
-            recalibrate_bn(self.raw_model, train_loader, self.device, int(self.cfg.trainer.bn_recalibrate),
-                           self.generator, self.amp_dtype, bool(self.cfg.trainer.channels_last))
+        # trainer.bn_recalibrate (0 = off): each rank averages its own shard; the EMA model keeps its averaged buffers
+        recalibrate_bn(self.raw_model, train_loader, self.device, int(self.cfg.trainer.bn_recalibrate),
+                       self.generator, self.amp_dtype, bool(self.cfg.trainer.channels_last))
         result = evaluate(self.raw_model, val_loader, self.device, **kw)
         if self.ema is not None:
             ema = evaluate(self.ema.module, val_loader, self.device, **kw)
