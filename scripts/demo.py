@@ -50,6 +50,8 @@ MECHANICS = {
     # diverges in epoch 5 (val loss 1231); tau held at 30 -> 90.8 %. The official anneal spans 10 epochs of 100.
     "odconv": (["op.kwargs.temperature=30"],
                "K=4; tau held at 30 (annealing to 1 within 55 steps collapses training; official: over 10 epochs)"),
+    "kernelwarehouse": (["+recipe.temperature={init: 1, final: 0, epochs: 2, per: step}"],
+                        "t annealed 1->0 over epochs 1-2 (official: over 20 of 300)"),
     "structured": (["+recipe.structural_reg={lam: 8.0, warmup_epochs: 0, exclude_from_wd: true}"],
                    "structural reg. lambda=8; deploy = the equivalent dense conv"),
     "refconv": (["model.init_from={conv_ckpt}", "+recipe.refocus={freeze_bn: false}"],

@@ -93,7 +93,7 @@ def _expected_rows():
 # One cheap row with published numbers per paper that has any (structured / refconv publish none); the
 # slow test below checks every row.
 FAST_ROWS = ("condconv/t1_mbv2_cc8", "dynamicconv/t1_mbv2_w0.35_dy", "dynet/t1_dy_shuffle", "weightnet/t3_w0.5_cc2x",
-             "mixconv/t1_mixnet_s", "odconv/t1_mbv2_w0.5_od4x",
+             "mixconv/t1_mixnet_s", "odconv/t1_mbv2_w0.5_od4x", "kernelwarehouse/t2_mbv2_w0.5_kw4x",
              "dynamicconv/t1_resnet10_dy")
 
 

@@ -36,7 +36,7 @@ def composer():
 def test_there_are_experiments():
     papers = {e.split("/")[0] for e in EXPERIMENTS}
     assert papers == {"condconv", "dynamicconv", "dynet", "weightnet", "mixconv", "structured", "refconv",
-                      "odconv", "dcd"}
+                      "odconv", "dcd", "kernelwarehouse"}
 
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in (CONFIGS / "recipe").glob("*.yaml") if p.stem != "base"))
@@ -63,7 +63,7 @@ def test_every_group_override_names_an_existing_config():
         cfg = yaml.safe_load((CONFIGS / "experiment" / f"{exp}.yaml").read_text())
         for entry in cfg["defaults"]:
             for key, name in entry.items():
-                group = key.removeprefix("override /")
+                group = key.removeprefix("override ").removeprefix("/").split("@")[0]  # `/group@package: name` too
                 if not (CONFIGS / group / f"{name}.yaml").is_file():
                     missing.append(f"{exp}: configs/{group}/{name}.yaml")
     assert not missing, "missing configs:\n" + "\n".join(missing)

@@ -4,7 +4,10 @@ and WeightNet starts with the official code's statistics.
 Measured "kernel std" per operator: the std of the whole kernel bank for the banked ops (CondConv experts,
 DY-Conv kernels, DyNet bases, ODConv kernels; DCD's static W0), the per-sample kernel generated on a random input for WeightNet, the full
 kernel W = A alpha for Structured, the refocused kernel for RefConv, the conv's kernel for SE, and for MixConv
-each group's kernel divided by k / k_i (its init scale, see MixConv.init_like)."""
+each group's kernel divided by k / k_i (its init scale, see MixConv.init_like), and for KernelWarehouse the
+layer's own cells in its (shared) warehouse (the kernel it is assembled from at temperature 1) divided by the
+official init rule's factor (KWConv2d.official_init_factor: the official code draws the cells with kaiming fan_out
+over the cell view, which differs from the conv's fan_out where cells do not span the layer or r != 1)."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from dyconv_repro.ops.condconv import CondConv2d, CondLinear
 from dyconv_repro.ops.dcd import DCDConv2d
 from dyconv_repro.ops.dynamicconv import DynamicConv2d
 from dyconv_repro.ops.dynet import DyNetConv2d
+from dyconv_repro.ops.kernelwarehouse import KWConv2d
 from dyconv_repro.ops.mixconv import MixConv
 from dyconv_repro.ops.odconv import ODConv2d
 from dyconv_repro.ops.refconv import RefConv
@@ -49,6 +53,9 @@ def effective_std(op, x: torch.Tensor) -> float:
             return float(op.kernel().std())
         if isinstance(op, RefConv):
             return float(op.refocused_weight().std())
+        if isinstance(op, KWConv2d):  # its own cells, divided by the official fan-out rule's factor
+            start, end = op.cell_range
+            return float(op.cells()[start:end].std()) / op.official_init_factor()
         if isinstance(op, SEConv):
             return float(op.conv.weight.std())
         if isinstance(op, MixConv):

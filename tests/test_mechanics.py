@@ -124,7 +124,8 @@ def test_refconv_zero_init_starts_at_the_baseline(make_cfg, tmp_path):
 
 # the operators after the seven papers (issue 18): temperature (where the op has one), resume and deploy
 AFTER_SEVEN = {"odconv": ["op.kwargs.num_kernels=4", "+recipe.temperature={init: 30, final: 1, epochs: 1, per: step}"],
-               "dcd": []}
+               "dcd": [],
+               "kernelwarehouse": ["+recipe.temperature={init: 1, final: 0, epochs: 1, per: step}"]}
 
 
 @pytest.mark.parametrize("op", [o for o in AFTER_SEVEN if o in OPS])
@@ -137,9 +138,10 @@ def test_new_ops_train_resume_exactly_and_deploy(make_cfg, monkeypatch, op):
     assert full["status"] == "finished"
     if "temperature" in " ".join(AFTER_SEVEN[op]):
         taus = [r["temperature"] for r in _metrics(full["run_dir"])]
-        assert 1.0 < taus[0] < 30.0 and taus[1] == 1.0  # annealed 30 -> 1 over the first epoch, then held
+        end, start = (1.0, 30.0) if op == "odconv" else (0.0, 1.0)  # tau 30 -> 1; KernelWarehouse t 1 -> 0
+        assert end < taus[0] < start and taus[1] == end  # annealed over the first epoch, then held
         tau_buffers = [v for k, v in _last(full["run_dir"])["model"].items() if k.endswith("temperature")]
-        assert tau_buffers and all(float(t) == 1.0 for t in tau_buffers)
+        assert tau_buffers and all(float(t) == end for t in tau_buffers)
     _, resumed = run_killed_then_resumed(make_cfg, monkeypatch, args, kill_step=4)
     a, b = _last(full["run_dir"])["model"], _last(resumed["run_dir"])["model"]
     for k in a:

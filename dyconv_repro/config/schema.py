@@ -88,8 +88,8 @@ class AugConfig:
 
 @dataclass
 class TemperatureConfig:  # DY-Conv
-    init: float = key(gt=0)
-    final: float = key(gt=0)
+    init: float = key(ge=0)       # each op checks its own range (DY-Conv/ODConv tau > 0, KernelWarehouse t in [0, 1])
+    final: float = key(ge=0)
     epochs: float = key(ge=0)
     per: str = key("step", choices=("step", "epoch"))
 

@@ -61,9 +61,10 @@ class TemperatureAnnealing(Hook):
     def on_train_start(self, trainer) -> None:
         from dyconv_repro.ops.walkers import set_temperature
 
+        set_temperature(trainer.model, self.final)  # each op checks its range before the first step, not mid-run
         if set_temperature(trainer.model, self.init) == 0:
             raise UserError("recipe.temperature is set but the model has no operator with a temperature "
-                            "(use op=dynamicconv or op=odconv, or recipe.temperature=null)")
+                            "(use op=dynamicconv, odconv or kernelwarehouse, or recipe.temperature=null)")
         self.on_step_start(trainer)
 
     def on_step_start(self, trainer) -> None:

@@ -123,6 +123,9 @@ def swap_convs(model: nn.Module, op_name: str, policy=None, op_kwargs: Mapping |
         parent_name, _, child = r.name.rpartition(".")
         setattr(named[parent_name] if parent_name else model, child, new)
         r.replaced, r.op, r.module = True, op_name, new
+    share = getattr(op_cls, "share_across_layers", None)
+    if callable(share):  # parameters shared across layers (KernelWarehouse): one model-level object, made here
+        share(model, reports)
     return reports
 
 

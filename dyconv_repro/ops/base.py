@@ -17,7 +17,7 @@ from torch.nn.modules.utils import _pair
 CAPABILITY_METHODS = {"reparameterize": "reparameterize", "decompose": "decompose",
                       "set_temperature": "set_temperature", "regularization_loss": "regularization_loss",
                       "load_static_weight": "load_static_weight", "block_head": "block_routing",
-                      "training_forward": "training_form"}
+                      "training_forward": "training_form", "share_across_layers": "cross_layer_sharing"}
 
 
 def resolve_padding(kernel_size, padding, dilation) -> tuple[int, int]:
