@@ -534,3 +534,55 @@ def test_cells_start_at_the_official_init_scale(ratio):
         official = math.sqrt(2.0 / ((end - start) * c_o * s_h * s_w))
         measured = float(op.cells()[start:end].std())
         assert measured == pytest.approx(official, rel=0.06), name
+
+
+def test_nonlocal_basis_attention_matches_official_math():
+    """nonlocal_basis_ratio < 1 (the 1/2x ResNet-50): per mixture, FC2 gives the layer's own cells' values, B basis
+    values and the zero cell's; FC3 (no bias) maps the basis to the other layers' cells, placed before and after the
+    layer's own slice; a learned bias over all n + 1 values is added before the L1 normalisation. Written here per
+    mixture with explicit slices, on random weights, for layers at different offsets of a shared warehouse."""
+    torch.manual_seed(5)
+    model = torchvision.models.resnet18(num_classes=10)
+    swap_convs(model, "kernelwarehouse", "kernelwarehouse",
+               {"cell_num_ratio": 0.5, "cell_inplane_ratio": 0.5, "cell_outplane_ratio": 0.5,
+                "nonlocal_basis_ratio": 0.0625, "warehouses": sharing_map("resnet")})
+    gen = torch.Generator().manual_seed(6)
+    layers = dict(_kw_layers(model))
+    for name in ["layer1.0.conv1", "layer1.1.conv2", "layer2.0.downsample.0"]:
+        op = layers[name]
+        start, end = op.cell_range
+        n, m, own = op.cells().shape[0], op.assignment.shape[0], end - start
+        basis = max(int((n - own) * 0.0625), 16)
+        assert op.fc2.bias is None and op.fc3.weight.shape == (n - own, basis), name
+        assert op.fc2.out_features == m * (own + basis + 1) and op.basis_bias.shape == (m * (n + 1),), name
+        with torch.no_grad():
+            for p in (op.fc.weight, op.fc2.weight, op.fc3.weight, op.basis_bias):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+            op.cells().copy_(torch.randn(op.cells().shape, generator=gen))
+        op.eval()
+        op.set_temperature(0.3)
+        x = torch.randn(2, op.in_channels, 6, 6, generator=gen)
+        with torch.no_grad():
+            h = torch.relu(op.bn(x.flatten(2).mean(-1) @ op.fc.weight.t()))
+            raw = (h @ op.fc2.weight.t()).view(2, m, own + basis + 1)
+            homes, _ = expected_homes(m, 0.5, start)
+            assignment = one_hot_assignment(homes, n)
+            rows = []
+            for j in range(m):
+                zj = raw[:, j]
+                others = zj[:, own:own + basis] @ op.fc3.weight.t()
+                full = torch.cat([others[:, :start], zj[:, :own], others[:, start:], zj[:, -1:]], dim=1)
+                full = full + op.basis_bias[j * (n + 1):(j + 1) * (n + 1)]
+                full = full / (full.abs().sum(dim=1, keepdim=True) + 1e-3)
+                rows.append(0.7 * full + 0.3 * assignment[j])
+            alpha = torch.stack(rows, dim=1)[:, :, :-1]
+            torch.testing.assert_close(op.attention(x), alpha, atol=1e-6, rtol=1e-5, msg=lambda s, name=name: f"{name}: {s}")
+
+
+def test_nonlocal_basis_published_param_count():
+    """ResNet-50 + KW (1/2x), official configs/resnet50/kw1d2x_resnet50.json (nonlocal_basis_ratio 0.0625): 17.64M."""
+    model = torchvision.models.resnet50()
+    swap_convs(model, "kernelwarehouse", "kernelwarehouse_bottleneck",
+               {"cell_num_ratio": 0.5, "cell_inplane_ratio": 0.5, "cell_outplane_ratio": 0.5,
+                "nonlocal_basis_ratio": 0.0625, "warehouses": sharing_map("resnet")})
+    assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - 17.64) <= 0.005

@@ -17,7 +17,10 @@ zero cell; z_j <- z_j / (sum |z_j| + 1e-3); then z <- (1 - t) z + t * A, with A 
 each mixture; the zero cell's column is dropped. A assigns the layers' mixtures to consecutive cells in model
 order (ratio r >= 1: mixture j -> cell start + j*r; r = 1/p: mixture j gets the next cell when
 j % p == (j // p) % p, else the zero cell), so at t = 1 each layer starts as a plain conv built from its own
-cells. The official trainer takes t from 1 to 0 linearly per iteration over the first 20 epochs (15 for
+cells. With `nonlocal_basis_ratio` < 1 (the 1/2x ResNet-50), FC2 gives each mixture its own cells' values, B basis
+values (B = max(int((n - own) * ratio), 16)) and the zero cell's; a bias-free FC3 maps the basis to the other
+layers' cells, and a learned bias is added (official `map_to_cell_basis`; a warehouse of one layer keeps the plain
+head, where the official code would build an empty FC3). The official trainer takes t from 1 to 0 linearly per iteration over the first 20 epochs (15 for
 MobileNetV2): `recipe.temperature` {init: 1, final: 0}. The module's own t is 0 (official `temp_value`).
 
 The warehouse is a model-level object: `KWConv2d.share_across_layers` (called by the surgery once every layer
@@ -43,6 +46,7 @@ from dyconv_repro.ops.registry import OPS
 
 MIN_HIDDEN = 16      # the official Attention's minimum hidden width
 NORM_EPS = 1e-3      # the official L1 normalisation's epsilon
+MIN_BASIS = 16       # the official minimum number of non-local basis cells
 CONTAINER = "kernel_warehouse"   # attribute of the model that holds the shared warehouses
 
 
@@ -99,7 +103,7 @@ class KWConv2d(DynamicConvOp):
                  bias=False, cell_num_ratio: float = 1.0, cell_inplane_ratio: float = 1.0,
                  cell_outplane_ratio: float = 1.0, reduction: float = 0.0625, min_hidden: int = MIN_HIDDEN,
                  spatial_partition: bool = True, temperature: float = 0.0, warehouses: Mapping | None = None,
-                 *, device=None, dtype=None):
+                 nonlocal_basis_ratio: float = 1.0, *, device=None, dtype=None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
         self.cell_num_ratio = _ratio(cell_num_ratio, "cell_num_ratio")
         for name, value in (("cell_inplane_ratio", cell_inplane_ratio), ("cell_outplane_ratio", cell_outplane_ratio)):
@@ -110,6 +114,10 @@ class KWConv2d(DynamicConvOp):
         if int(min_hidden) < 1:
             raise UserError(f"kernelwarehouse min_hidden must be >= 1, got {min_hidden}")
         _check_temperature(temperature)
+        if float(nonlocal_basis_ratio) <= 0:
+            raise UserError(f"kernelwarehouse nonlocal_basis_ratio must be > 0 (>= 1 = off; the 1/2x ResNet-50 row uses "
+                            f"0.0625), got {nonlocal_basis_ratio}")
+        self.nonlocal_basis_ratio = float(nonlocal_basis_ratio)
         self.cell_inplane_ratio, self.cell_outplane_ratio = float(cell_inplane_ratio), float(cell_outplane_ratio)
         self.reduction, self.min_hidden = float(reduction), int(min_hidden)
         self.spatial_partition = bool(spatial_partition)
@@ -119,6 +127,8 @@ class KWConv2d(DynamicConvOp):
         self.fc = nn.Linear(in_channels, hidden, bias=False, **dd)
         self.bn = nn.BatchNorm1d(hidden, **dd)
         self.fc2: nn.Linear | None = None
+        self.fc3: nn.Linear | None = None
+        self.basis_bias: nn.Parameter | None = None
         self.bias = nn.Parameter(torch.empty(out_channels, **dd)) if bias else None
         self.register_buffer("temperature", torch.tensor(float(temperature), device=device))
         self._init_std: float | None = None
@@ -180,7 +190,15 @@ class KWConv2d(DynamicConvOp):
         self.mixture_grid = ((self.kernel_size[0] // cell[2]) * (self.kernel_size[1] // cell[3]),
                              self.out_channels // cell[0], self.in_channels // self.groups // cell[1])
         self.cell_range = (start, end)
-        self.fc2 = nn.Linear(self.fc.out_features, m * (n + 1), **dd)
+        self.num_basis = None
+        local = end - start
+        if self.nonlocal_basis_ratio < 1.0 and n > local:  # other layers' cells through a basis (map_to_cell_basis)
+            self.num_basis = max(int((n - local) * self.nonlocal_basis_ratio), MIN_BASIS)
+            self.fc2 = nn.Linear(self.fc.out_features, m * (local + self.num_basis + 1), bias=False, **dd)
+            self.fc3 = nn.Linear(self.num_basis, n - local, bias=False, **dd)
+            self.basis_bias = nn.Parameter(torch.zeros(m * (n + 1), **dd))
+        else:
+            self.fc2 = nn.Linear(self.fc.out_features, m * (n + 1), **dd)
         assignment = torch.zeros(m, n + 1, **dd)
         for j, home in enumerate(homes):
             assignment[j, n if home is None else home] = 1.0
@@ -196,8 +214,13 @@ class KWConv2d(DynamicConvOp):
         """The official init: attention FCs kaiming-normal (fan_out, relu) with zero biases, BN 1/0, and the
         layer's own cells kaiming-normal (fan_out) on their (cells * c_o, c_i, s_h, s_w) view."""
         nn.init.kaiming_normal_(self.fc.weight, mode="fan_out", nonlinearity="relu")
-        nn.init.kaiming_normal_(self.fc2.weight, mode="fan_out", nonlinearity="relu")
-        nn.init.zeros_(self.fc2.bias)
+        for fc in (self.fc2, self.fc3):
+            if fc is not None:
+                nn.init.kaiming_normal_(fc.weight, mode="fan_out", nonlinearity="relu")
+                if fc.bias is not None:
+                    nn.init.zeros_(fc.bias)
+        if self.basis_bias is not None:
+            nn.init.zeros_(self.basis_bias)
         nn.init.ones_(self.bn.weight)
         nn.init.zeros_(self.bn.bias)
         if self.bias is not None:
@@ -249,7 +272,13 @@ class KWConv2d(DynamicConvOp):
         """alpha (B, m, n): each mixture's weights over the warehouse cells."""
         b, n = x.shape[0], self.assignment.shape[1]
         h = torch.relu(batch_norm(self.bn, self.fc(gap(x))))
-        z = self.fc2(h).view(b, -1, n)
+        z = self.fc2(h).view(b, self.assignment.shape[0], -1)
+        if self.fc3 is not None:
+            start, end = self.cell_range
+            local, basis, zero = z.split([end - start, self.num_basis, 1], dim=-1)
+            others = self.fc3(basis)
+            z = torch.cat([others[..., :start], local, others[..., start:], zero], dim=-1)
+            z = z + self.basis_bias.view(1, -1, n)
         z = z / (z.abs().sum(dim=-1, keepdim=True) + NORM_EPS)
         t = self.temperature.to(z.dtype)
         z = (1.0 - t) * z + t * self.assignment.to(z.dtype)
@@ -284,7 +313,7 @@ class KWConv2d(DynamicConvOp):
         for key, members in groups.items():
             first = members[0][1].module
             options = {(m.module.cell_num_ratio, m.module.cell_inplane_ratio, m.module.cell_outplane_ratio,
-                        m.module.spatial_partition) for _, m in members}
+                        m.module.spatial_partition, m.module.nonlocal_basis_ratio) for _, m in members}
             if len(options) > 1:
                 raise UserError(f"kernelwarehouse: the layers of warehouse {key!r} have different cell options "
                                 f"{sorted(map(str, options))}; one warehouse needs one setting")
