@@ -163,6 +163,7 @@ class TrainerConfig:
     tf32: bool = key()
     sync_bn: bool = key()
     conv_path: str = key()                     # checked against the engine's paths when the model is built
+    evaluate_only: bool = key(False)             # evaluate model.init_from's weights once; no training step
     bn_recalibrate: int = key(0, ge=0)          # batches; engine/bn_recalibration.py
 
 

@@ -432,6 +432,8 @@ class Trainer:
         self.model = model  # hooks act on the unwrapped model
         self.val_loader = val_loader
         complexity = self.record
+        if cfg.trainer.evaluate_only:
+            return self._evaluate_only(val_loader, train_loader, complexity, started)
 
         no_decay = [p for h in hooks for p in h.no_decay_params(model)]
         self.optimizer = build_optimizer(model, cfg.recipe, no_decay)
@@ -529,6 +531,27 @@ class Trainer:
         if self.info.is_main:
             log.info("done: best top-1 %.2f (epoch %d), final top-1 %.2f; %s", summary["best_top1"],
                      summary["best_epoch"], summary["final_top1"], self.run_dir)
+        return summary
+
+    def _evaluate_only(self, val_loader, train_loader, complexity: dict, started: float) -> dict:
+        """trainer.evaluate_only: one evaluation of the loaded weights (model.init_from), recorded like a finished
+        run with 0 epochs, so compare / reproduce read it as a row's result (eval-time ablations)."""
+        self.best_top1, self.best_top5, self.best_epoch, self.best_source = -1.0, -1.0, -1, None
+        self.train_time, self.images_seen, self.ema = 0.0, 0, None
+        self.training_started = True
+        if self.info.is_main:
+            log.info("run dir: %s", self.run_dir)
+            log.info("evaluate only: model %s + op %s from %s (no training)", self.cfg.model.name, self.cfg.op.name,
+                     self.cfg.model.init_from or "pretrained weights")
+            point_latest(self.run_dir)
+        last_eval = self._evaluate(val_loader, train_loader)
+        if self.info.is_main:
+            LocalLogger(self.run_dir).log({"epoch": 0, "step": 0, **{f"val_{k}": v for k, v in last_eval.items()}})
+        summary = {**self._summary("finished", complexity, last_eval, started), "evaluate_only": True}
+        self._write_summary(summary)
+        if self.info.is_main:
+            log.info("done: top-1 %.2f top-5 %.2f (evaluation only); %s", last_eval["top1"], last_eval["top5"],
+                     self.run_dir)
         return summary
 
     def _stopped(self, stop: _Stop, complexity: dict, last_eval: dict, started: float):

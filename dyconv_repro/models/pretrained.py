@@ -98,10 +98,16 @@ def extract_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tenso
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file and return its model state_dict."""
+    """Read a checkpoint file (or a run directory: its checkpoints/best.pt, else last.pt) and return its model
+    state_dict."""
     path = Path(os.path.expanduser(str(path)))
+    if path.is_dir():
+        found = [path / "checkpoints" / n for n in ("best.pt", "last.pt") if (path / "checkpoints" / n).is_file()]
+        if not found:
+            raise UserError(f"run directory {path} has no checkpoints/best.pt or checkpoints/last.pt")
+        path = found[0]
     if not path.is_file():
-        raise UserError(f"checkpoint file {path} does not exist; pass the path of a .pt/.pth file")
+        raise UserError(f"checkpoint file {path} does not exist; pass the path of a .pt/.pth file or a run directory")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - our run checkpoints may hold non-tensor objects

@@ -17,6 +17,7 @@ from dyconv_repro.config import validate
 from dyconv_repro.engine.distributed import launch_rank
 from dyconv_repro.engine.hooks import build_hooks
 from dyconv_repro.engine.trainer import Trainer, seed_all
+from dyconv_repro.errors import UserError
 from dyconv_repro.models.build import build_model_with_report
 from dyconv_repro.models.surgery import replaced_layers
 
@@ -39,6 +40,10 @@ def _complexity(model, image_size: int) -> dict:
 def train_run(cfg: DictConfig) -> dict:
     """Train one run described by a composed config; returns the summary."""
     cfg = validate(cfg)
+    if cfg.trainer.evaluate_only and not (cfg.model.init_from or cfg.model.pretrained):
+        row = f" (the header of configs/experiment/{cfg.experiment_id}.yaml names it)" if cfg.experiment_id else ""
+        raise UserError("trainer.evaluate_only evaluates trained weights: set model.init_from=<checkpoint or run "
+                        f"dir of the trained model>{row}, or model.pretrained=true")
     seed_all(int(cfg.seed))  # the model's initialization depends on the seed
     model, reports = build_model_with_report(cfg, verbose=launch_rank() == 0)
     hooks = build_hooks(cfg.recipe)

@@ -226,7 +226,7 @@ def condconv_one(op: CondConv2d, x: Tensor):
 def dynamicconv_one(op: DynamicConv2d, x: Tensor):
     """softmax(attention(sum / HW) / tau) with 1/HW and 1/tau inside the two addmvs, one mv mix."""
     head = op._modules["attention"]
-    if type(head) is not MLPHead:
+    if type(head) is not MLPHead or op.ablates_attention:  # an inference ablation: the generic path applies it
         return None
     inv_tau = inverse_temperature(op)
     if op._slot is not None:  # block routing: the pooled block input (already divided by H*W)
