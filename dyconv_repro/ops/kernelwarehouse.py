@@ -133,17 +133,13 @@ class KWConv2d(DynamicConvOp):
         self.register_buffer("temperature", torch.tensor(float(temperature), device=device))
         self._init_std: float | None = None
         self._shared: tuple[KernelWarehouse, ...] = ()
-        cell = self.cell_shape_for([self.weight_shape], self)
+        cell = self.cell_shape_for([self.kernel_shape], self)
         n = assigned_cells(self.num_mixtures(cell), self.cell_num_ratio, 0)[1]
         self.warehouse = KernelWarehouse(n, cell, **dd)   # private until the surgery shares it
         self.bind(self.warehouse, 0)
         self.reset_parameters()
 
     # --- geometry ---
-    @property
-    def weight_shape(self) -> tuple[int, int, int, int]:
-        return self.kernel_shape
-
     def cell_shape_for(self, shapes: list[tuple[int, ...]], owner) -> tuple[int, int, int, int]:
         """The cell shape of a warehouse holding kernels of `shapes` (official `Warehouse_Manager.store`)."""
         out_gcd = math.gcd(*[s[0] for s in shapes])
@@ -317,7 +313,7 @@ class KWConv2d(DynamicConvOp):
             if len(options) > 1:
                 raise UserError(f"kernelwarehouse: the layers of warehouse {key!r} have different cell options "
                                 f"{sorted(map(str, options))}; one warehouse needs one setting")
-            cell = first.cell_shape_for([m.module.weight_shape for _, m in members], repr(key))
+            cell = first.cell_shape_for([m.module.kernel_shape for _, m in members], repr(key))
             total = sum(assigned_cells(m.module.num_mixtures(cell), first.cell_num_ratio, 0)[1] for _, m in members)
             cells = first.cells()
             warehouse = KernelWarehouse(max(total, 1), cell, device=cells.device, dtype=cells.dtype)
