@@ -19,9 +19,22 @@ TINY = ["trainer.epochs=1", "trainer.max_steps_per_epoch=1", "recipe.batch_size=
     (["op=mixconv"], "op=mixconv with policy mixconv replaces none of the 19 convs of model resnet20"),
     (["model.width_mult=-1"], "model.width_mult must be > 0, got -1"),
     (["+trainer.epoch=3"], "unknown key trainer.epoch (did you mean trainer.epochs?)"),
-    (["op=dynamicconv", "trainer.compile=true"], "trainer.compile=true is refused for op=dynamicconv"),
 ])
 def test_silent_wrong_runs_are_refused_and_leave_nothing(make_cfg, tmp_path, overrides, fragment):
+    _refused_before_training(make_cfg, tmp_path, overrides, fragment)
+
+
+def test_compiling_an_op_not_measured_against_eager_is_refused(make_cfg, tmp_path, monkeypatch):
+    """A new operator is refused by `trainer.compile=true` until tests/test_compile.py has measured it."""
+    from dyconv_repro.engine import compile_check
+
+    monkeypatch.delitem(compile_check.COMPILE_VERIFIED, "dynamicconv")
+    _refused_before_training(make_cfg, tmp_path, ["op=dynamicconv", "trainer.compile=true"],
+                             "trainer.compile=true is refused for op=dynamicconv: its compiled training step "
+                             "has not been checked against eager yet")
+
+
+def _refused_before_training(make_cfg, tmp_path, overrides, fragment):
     with pytest.raises(UserError) as e:  # at composition (the schema) or when the run is built
         train(make_cfg(*TINY, *overrides))
     assert fragment in str(e.value), str(e.value)

@@ -3,8 +3,9 @@
 Exact resume: at the start of every epoch all RNGs are re-seeded from (seed, epoch, rank) and the
 data order comes from a generator seeded the same way, so an epoch is a pure function of the state
 at its start. A mid-epoch checkpoint also stores the batch index and the RNG state at that point:
-resuming replays the data iterator up to that batch and restores the RNG, which gives the same
-result as an uninterrupted run on CPU.
+resuming starts the sampler at that batch (the skipped samples are not decoded: each sample's augmentation
+is seeded by its position, data/seeded.py) and restores the RNG, which gives the same result as an
+uninterrupted run on CPU, with any number of data workers.
 
 How a run ends (the CLI's exit code in brackets; summary.json's status says the same):
 finished [0]; SIGTERM / Ctrl-C: checkpoint of the partial epoch, status interrupted [143 / 130];
@@ -34,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from dyconv_repro.config import validate
+from dyconv_repro.data.seeded import SeededDataset, SeededSampler
 from dyconv_repro.engine import checkpoint as ckpt
 from dyconv_repro.engine import cpu_heap
 from dyconv_repro.engine.bn_recalibration import recalibrate_bn
@@ -213,19 +215,25 @@ class Trainer:
         workers = int(cfg.data.num_workers)
         pin = bool(cfg.data.pin_memory) and self.device.type == "cuda"
         prefetch = cfg.data.prefetch_factor
-        self.generator = torch.Generator()
+        self.generator = torch.Generator()  # the DataLoader's (worker base seeds)
+        # the sampler's own generator: the DataLoader draws from its generator when it creates an iterator
+        # (every epoch with num_workers=0, once with persistent workers), which must not shift the data order
+        self.order_generator = torch.Generator()
         if self.info.enabled:
             self.train_sampler = DistributedSampler(train_set, num_replicas=world, rank=self.info.rank,
                                                     shuffle=True, seed=int(cfg.seed), drop_last=True)
             val_sampler = DistributedSampler(val_set, num_replicas=world, rank=self.info.rank, shuffle=False)
         else:
-            self.train_sampler = RandomSampler(train_set, generator=self.generator)
+            self.train_sampler = RandomSampler(train_set, generator=self.order_generator)
             val_sampler = SequentialSampler(val_set)
         # workers persist across epochs (no re-fork + dataset re-open every epoch)
         common = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0,
                       **({"prefetch_factor": int(prefetch)} if workers > 0 and prefetch else {}))
-        train_loader = DataLoader(train_set, batch_size=per_rank, sampler=self.train_sampler, drop_last=True,
-                                  generator=self.generator, **common)
+        # every sample's augmentation seeded from its position in the epoch (data/seeded.py): exact resume
+        # without re-decoding the batches before a mid-epoch checkpoint, and independent of num_workers
+        self.seeded_sampler = SeededSampler(self.train_sampler)
+        train_loader = DataLoader(SeededDataset(train_set), batch_size=per_rank, sampler=self.seeded_sampler,
+                                  drop_last=True, generator=self.generator, **common)
         val_loader = DataLoader(val_set, batch_size=per_rank, sampler=val_sampler, drop_last=False, **common)
         if len(train_loader) == 0:
             raise UserError(f"recipe.batch_size={cfg.recipe.batch_size} is larger than the training set "
@@ -565,8 +573,11 @@ class Trainer:
         epoch_seed = int(cfg.seed) * 100_003 + self.epoch * 1_009 + self.info.rank
         seed_all(epoch_seed)
         self.generator.manual_seed(epoch_seed)
+        self.order_generator.manual_seed(epoch_seed)
         if isinstance(self.train_sampler, DistributedSampler):
             self.train_sampler.set_epoch(self.epoch)
+        self.seeded_sampler.epoch_seed = epoch_seed
+        self.seeded_sampler.skip_next(batch_skip * self.micro_batch * self.accumulate)
         model.train()
         for h in hooks:
             h.on_step_start(self)  # e.g. frozen-BN eval mode before the first batch
@@ -584,9 +595,7 @@ class Trainer:
 
             bar = tqdm(total=n_steps, initial=batch_skip, desc=f"epoch {self.epoch + 1}/{cfg.trainer.epochs}",
                        dynamic_ncols=True, leave=False, file=sys.stderr)
-        it = iter(loader)
-        for _ in range(batch_skip):  # replay the data order up to the checkpoint, then restore its RNG
-            next(it)
+        it = iter(loader)  # starts at batch `batch_skip`: the sampler drops the positions before it
         if rng is not None and batch_skip > 0:  # at an epoch boundary the epoch seed already decides
             skipped = ckpt.set_rng_state(rng)
             if skipped:
@@ -690,7 +699,7 @@ class Trainer:
                   max_steps=self.cfg.trainer.max_steps_per_epoch)
         # trainer.bn_recalibrate (0 = off): each rank averages its own shard; the EMA model keeps its averaged buffers
         recalibrate_bn(self.raw_model, train_loader, self.device, int(self.cfg.trainer.bn_recalibrate),
-                       self.generator, self.amp_dtype, bool(self.cfg.trainer.channels_last))
+                       self.order_generator, self.amp_dtype, bool(self.cfg.trainer.channels_last))
         result = evaluate(self.raw_model, val_loader, self.device, **kw)
         if self.ema is not None:
             ema = evaluate(self.ema.module, val_loader, self.device, **kw)
