@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 TORCH_INDEX ?=
 TORCH_PIP := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-.PHONY: help install test test-all lint train demo clean
+.PHONY: help install test test-faults test-all lint train demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -21,6 +21,9 @@ install:  ## create .venv and install the package (editable) with the dev and ex
 
 test:  ## fast test suite (what CI runs)
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
+
+test-faults:  ## the slow fault-injection suite (kills, signals, full disk, corrupt checkpoints, DDP): CI's slow tier
+	$(BIN)/python -m pytest -q -n 2 -m slow tests/faults $(PYTEST_ARGS)
 
 test-all:  ## fast + slow tests
 	$(BIN)/python -m pytest -q -n 2 -m "slow or not slow" $(PYTEST_ARGS)

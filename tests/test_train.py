@@ -230,3 +230,25 @@ def test_concurrent_runs_never_share_a_run_directory(tmp_path):
     for dirs in (fresh, same_id):
         assert len(set(dirs)) == 8 and all((Path(d) / "checkpoints").is_dir() for d in dirs)
     assert sorted(Path(d).name for d in same_id)[0] == "fixed-id"
+
+
+def test_a_forked_child_does_not_keep_the_run_directory_lock(tmp_path):
+    """DataLoader workers are forked from the trainer; when it is SIGKILLed they live on for a few seconds.
+    They must not hold its run-directory lock, or an immediate resume is refused."""
+    import multiprocessing
+    import time
+
+    from dyconv_repro.engine.rundir import lock_run_dir, unlock_run_dir
+
+    fd = lock_run_dir(tmp_path)
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+    child.start()
+    try:
+        unlock_run_dir(fd)  # the trainer is gone; only its forked child lives
+        probe = subprocess.run([sys.executable, "-c", "import sys; from dyconv_repro.engine.rundir import "
+                                "lock_run_dir; lock_run_dir(__import__('pathlib').Path(sys.argv[1]))", str(tmp_path)],
+                               capture_output=True, text=True, timeout=60)
+        assert probe.returncode == 0, probe.stderr[-2000:]
+    finally:
+        child.kill()
+        child.join()

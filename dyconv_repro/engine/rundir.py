@@ -99,9 +99,27 @@ def read_status(run_dir: Path) -> str | None:
         return None
 
 
+_HELD_LOCKS: set[int] = set()
+
+
+def _drop_locks_in_child() -> None:
+    """A forked child (a DataLoader worker) closes its copies of the run-directory locks. A flock belongs to
+    the open file, which fork shares, so otherwise workers orphaned by a SIGKILL of the trainer would hold
+    the lock until they notice (up to 5 s), and an immediate `resume=auto` would be refused."""
+    for fd in _HELD_LOCKS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_locks_in_child)
+
+
 def lock_run_dir(run_dir: Path) -> int:
-    """Take the run directory's exclusive lock for the life of this process (returns the fd to close).
-    Another live process holding it: UserError naming it."""
+    """Take the run directory's exclusive lock for the life of this process (returns the fd; release it with
+    `unlock_run_dir`). Another live process holding it: UserError naming it."""
     fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -112,7 +130,13 @@ def lock_run_dir(run_dir: Path) -> int:
                         "or stop it, or start a separate run without trainer.resume") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    _HELD_LOCKS.add(fd)
     return fd
+
+
+def unlock_run_dir(fd: int) -> None:
+    _HELD_LOCKS.discard(fd)
+    os.close(fd)
 
 
 def remove_temp_files(run_dir: Path) -> list[Path]:

@@ -20,7 +20,6 @@ import contextlib
 import errno
 import json
 import logging
-import os
 import random
 import shutil
 import signal
@@ -69,6 +68,7 @@ from dyconv_repro.engine.rundir import (
     point_latest,
     read_status,
     remove_temp_files,
+    unlock_run_dir,
     write_json_atomic,
     write_text_atomic,
 )
@@ -364,7 +364,7 @@ class Trainer:
                 raise
         finally:
             if self._lock_fd is not None:
-                os.close(self._lock_fd)
+                unlock_run_dir(self._lock_fd)
                 self._lock_fd = None
             shutdown_distributed()
 

@@ -158,7 +158,7 @@ def test_unreadable_last_without_previous_says_how_to_go_on(tmp_path):
 
 
 def test_second_process_on_the_same_run_dir_is_refused(tmp_path):
-    from dyconv_repro.engine.rundir import lock_run_dir
+    from dyconv_repro.engine.rundir import lock_run_dir, unlock_run_dir
 
     first = train(tmp_path, fault="kill:ckpt:3")
     assert first.returncode == -9
@@ -166,7 +166,7 @@ def test_second_process_on_the_same_run_dir_is_refused(tmp_path):
     try:
         proc = train(tmp_path, "trainer.resume=auto")
     finally:
-        os.close(fd)
+        unlock_run_dir(fd)
     lines = error_lines(proc)
     assert proc.returncode == 2 and len(lines) == 1 and "is in use by another process" in lines[0], proc.stderr
 
@@ -187,3 +187,28 @@ def test_kill_with_bn_recalibration_resumes_bit_exact(tmp_path):
     reference = weights(run_dir(tmp_path / "ref"))
     first = train(tmp_path, recal, fault="kill:ckpt:4")  # the 4th checkpoint write: inside epoch 2
     check_recovered(tmp_path, reference, first, -9, None, None, recal)
+
+
+@pytest.mark.parametrize("seed, workers", [(0, 0), (1, 0), (2, 2)], ids=["t0", "t1", "t2-workers2"])
+def test_sigkill_at_a_random_moment_loses_nothing(tmp_path, reference, seed, workers):
+    """SIGKILL after a random delay (anywhere: start-up, a step, a checkpoint or summary write, evaluation).
+    The resumed run still ends at the uninterrupted weights, also with data.num_workers=2: each sample's
+    augmentation is seeded by its position (data/seeded.py), so the data does not depend on the workers."""
+    import random
+
+    extra = [f"data.num_workers={workers}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
+    env.pop("FAULT", None)
+    proc = subprocess.Popen([sys.executable, "-m", "tests.faults.driver", *ARGS, f"output_dir={tmp_path / 'runs'}",
+                             *extra], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "runs" / "f").is_dir():  # the run directory exists: start-up is over
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    delay = random.Random(seed).uniform(0.0, 2.0)  # the run trains for about 3.5 s after that
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    print(f"random kill after {delay:.2f} s")  # shown with -s
+    assert proc.returncode == -9, f"the run ended before the kill {delay:.2f} s in (exit {proc.returncode})"
+    check_recovered(tmp_path, reference, proc, proc.returncode, None, None, *extra)
