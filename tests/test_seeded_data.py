@@ -14,7 +14,7 @@ from torch.utils.data import Dataset, RandomSampler
 from dyconv_repro.data.seeded import SeededDataset, SeededSampler, sample_seed
 from dyconv_repro.pipeline import train_run as train
 
-from .test_train import _KillAt, _weights, run_killed_then_resumed
+from .test_train import _weights, run_killed, run_killed_then_resumed
 
 
 class _Draws(Dataset):
@@ -73,13 +73,8 @@ ARGS = ["trainer.epochs=2", "trainer.max_steps_per_epoch=4", "recipe.batch_size=
 
 
 def test_a_mid_epoch_resume_decodes_only_the_batches_it_trains_on(make_cfg, monkeypatch):
-    import dyconv_repro.pipeline.train as trainer_mod
-
-    real_hooks = trainer_mod.build_hooks
-    monkeypatch.setattr(trainer_mod, "build_hooks", lambda recipe: real_hooks(recipe) + [_KillAt(6)])
-    with pytest.raises(KeyboardInterrupt):  # killed at step 6: checkpoint at epoch 2, batch 2
-        train(make_cfg(*ARGS, "run_name=killed"))
-    monkeypatch.setattr(trainer_mod, "build_hooks", real_hooks)
+    state = run_killed(make_cfg, monkeypatch, ARGS, kill_step=6)
+    assert (state["epoch"], state["batch_in_epoch"]) == (1, 2)  # epoch 2, batch 2 (0-based)
     decoded = []
     real = SeededDataset.__getitem__
     monkeypatch.setattr(SeededDataset, "__getitem__", lambda self, key: decoded.append(key) or real(self, key))

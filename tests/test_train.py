@@ -67,8 +67,8 @@ class _KillAt(Hook):
         return []
 
 
-def run_killed_then_resumed(make_cfg, monkeypatch, args, kill_step, run_name="killed"):
-    """Train until `kill_step`, 'kill' the run, then `trainer.resume=auto`; returns (ckpt state, summary)."""
+def run_killed(make_cfg, monkeypatch, args, kill_step, run_name="killed") -> dict:
+    """Train until `kill_step` and 'kill' the run; returns the state of its last checkpoint."""
     import dyconv_repro.pipeline.train as trainer_mod
 
     real = trainer_mod.build_hooks
@@ -78,8 +78,13 @@ def run_killed_then_resumed(make_cfg, monkeypatch, args, kill_step, run_name="ki
         train(cfg)
     monkeypatch.setattr(trainer_mod, "build_hooks", real)
     (last,) = real_paths((Path(cfg.output_dir) / run_name).glob("*/checkpoints/last.pt"))
-    state = torch.load(last, weights_only=False)
     assert json.loads((last.parent.parent / "summary.json").read_text())["status"] == "interrupted"
+    return torch.load(last, weights_only=False)
+
+
+def run_killed_then_resumed(make_cfg, monkeypatch, args, kill_step, run_name="killed"):
+    """`run_killed`, then `trainer.resume=auto`; returns (ckpt state, summary)."""
+    state = run_killed(make_cfg, monkeypatch, args, kill_step, run_name)
     return state, train(make_cfg(*args, f"run_name={run_name}", "trainer.resume=auto"))
 
 

@@ -135,6 +135,7 @@ def lock_run_dir(run_dir: Path) -> int:
 
 
 def unlock_run_dir(fd: int) -> None:
+    """Release what `lock_run_dir` took."""
     _HELD_LOCKS.discard(fd)
     os.close(fd)
 

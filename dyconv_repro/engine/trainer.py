@@ -577,7 +577,7 @@ class Trainer:
         if isinstance(self.train_sampler, DistributedSampler):
             self.train_sampler.set_epoch(self.epoch)
         self.seeded_sampler.epoch_seed = epoch_seed
-        self.seeded_sampler.skip_next(batch_skip * self.micro_batch * self.accumulate)
+        self.seeded_sampler.skip_next(batch_skip * loader.batch_size)
         model.train()
         for h in hooks:
             h.on_step_start(self)  # e.g. frozen-BN eval mode before the first batch

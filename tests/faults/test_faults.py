@@ -24,13 +24,18 @@ ARGS = ["trainer.epochs=2", "trainer.max_steps_per_epoch=4", "recipe.batch_size=
 STEPS = 8
 
 
-def train(tmp_path, *extra, fault: str | None = None, timeout=300):
+def driver_env(fault: str | None = None) -> dict:
+    """The environment of a driver process: one thread, offline, this checkout, `fault` (or none) injected."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
     env.pop("FAULT", None)
     if fault:
         env["FAULT"] = fault
+    return env
+
+
+def train(tmp_path, *extra, fault: str | None = None, timeout=300):
     return subprocess.run([sys.executable, "-m", "tests.faults.driver", *ARGS, f"output_dir={tmp_path / 'runs'}",
-                           *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+                           *extra], cwd=REPO, env=driver_env(fault), capture_output=True, text=True, timeout=timeout)
 
 
 def error_lines(proc) -> list[str]:
@@ -96,10 +101,8 @@ def test_injected_fault_loses_nothing(tmp_path, reference, case):
 
 
 def _start(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    env.pop("FAULT", None)
     return subprocess.Popen([sys.executable, "-m", "tests.faults.driver", *ARGS, "trainer.max_steps_per_epoch=40",
-                             "trainer.epochs=1", f"output_dir={tmp_path / 'runs'}"], cwd=REPO, env=env,
+                             "trainer.epochs=1", f"output_dir={tmp_path / 'runs'}"], cwd=REPO, env=driver_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -197,10 +200,8 @@ def test_sigkill_at_a_random_moment_loses_nothing(tmp_path, reference, seed, wor
     import random
 
     extra = [f"data.num_workers={workers}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
-    env.pop("FAULT", None)
     proc = subprocess.Popen([sys.executable, "-m", "tests.faults.driver", *ARGS, f"output_dir={tmp_path / 'runs'}",
-                             *extra], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             *extra], cwd=REPO, env=driver_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (tmp_path / "runs" / "f").is_dir():  # the run directory exists: start-up is over
         assert proc.poll() is None and time.time() < deadline
@@ -211,4 +212,4 @@ def test_sigkill_at_a_random_moment_loses_nothing(tmp_path, reference, seed, wor
     proc.wait(timeout=60)
     print(f"random kill after {delay:.2f} s")  # shown with -s
     assert proc.returncode == -9, f"the run ended before the kill {delay:.2f} s in (exit {proc.returncode})"
-    check_recovered(tmp_path, reference, proc, proc.returncode, None, None, *extra)
+    check_recovered(tmp_path, reference, proc, -9, None, None, *extra)
