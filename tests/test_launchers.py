@@ -49,10 +49,12 @@ def test_launcher_config_instantiates(name):
 
 
 def test_slurm_multirun_reaches_submitit(tmp_path):
-    """Without Slurm the call fails inside submitit (no srun/sbatch), not in Hydra's config resolution."""
+    """The README's Slurm command: without Slurm it fails inside submitit (no srun/sbatch), not in Hydra's
+    config resolution."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     proc = run_cli(["dyconv-train", "-m", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu",
-                    "seed=0,1", f"output_dir={tmp_path / 'runs'}"], cwd=tmp_path, timeout=120)
+                    "experiment=weightnet/t1_w0.5_base,weightnet/t1_w0.5_wn1x", f"output_dir={tmp_path / 'runs'}"],
+                   cwd=tmp_path, timeout=120)
     out = proc.stdout + proc.stderr
     assert "Interpolation" not in out and "interpolation" not in out, out[-3000:]
     assert "Could not detect \"srun\"" in out, out[-3000:]
